@@ -1,0 +1,60 @@
+"""Command line: `cppo train CONFIG [key=value ...]` (also `python -m cppo`, `accelerate launch -m cppo`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import UserError, load_config
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    from .trainer import PPOTrainer
+
+    trainer = PPOTrainer(config)
+    stats = trainer.train()
+    if _is_main_process():
+        print(f"done: {config.ppo.steps} steps, final reward/mean={stats.get('reward/mean', float('nan')):.4f}; "
+              f"policy saved to {os.path.join(config.output_dir, 'policy')}", file=sys.stderr)
+    return 0
+
+
+def build_tiny(args: argparse.Namespace) -> int:
+    from .models import build_tiny_gpt2
+
+    path = build_tiny_gpt2(args.out_dir)
+    print(f"tiny GPT-2 and tokenizer written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cppo", description="Continual PPO for causal language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("train", help="train on a config: cppo train CONFIG [key=value ...]")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.learning_rate=1e-5 output_dir=runs/x")
+    p.set_defaults(run=train)
+    p = commands.add_parser("build-tiny", help="write a tiny offline GPT-2 and its tokenizer to a directory")
+    p.add_argument("out_dir")
+    p.set_defaults(run=build_tiny)
+    args = parser.parse_args(argv)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return args.run(args)
+    except UserError as e:
+        if _is_main_process():
+            print(f"cppo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

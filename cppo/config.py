@@ -1,0 +1,348 @@
+"""Run configuration: typed dataclasses, one per concern, loaded from YAML with `key=value` overrides.
+
+Every field has a docstring (the string right under it) and is validated before any model loads; a
+bad value stops the run with one line naming the field, the value and what is allowed.
+
+Batch sizes are **global** (summed over all processes), so a config means the same training whatever
+the number of processes it is launched on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us (config, files, callables): reported as one line, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "builtin:tiny-gpt2"
+    """Policy to start from: a local HF model directory, a hub name, or `builtin:tiny-gpt2` (built offline)."""
+    tokenizer: str | None = None
+    """Tokenizer source; defaults to `policy`."""
+    value_init: Literal["policy", "reward_model"] = "policy"
+    """Backbone of the critic: a copy of the policy, or of `reward.model` (its score head included)."""
+    value_model: str | None = None
+    """Explicit critic to start from (a sequence-classification dir); overrides `value_init`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype when loading (use `mixed_precision` for autocast on top of float32 weights)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (passed to `from_pretrained`)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of policy and critic: less memory, more time."""
+    lora_r: int = 0
+    """LoRA rank for the policy; 0 trains all weights. With LoRA the reference is the base with adapters off."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters (peft names; `all-linear` for every linear layer but the output head)."""
+
+    def validate(self) -> None:
+        _check(self.lora_r >= 0, "model.lora_r", self.lora_r, ">= 0")
+        _check(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "> 0")
+        _check(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "in [0, 1)")
+
+
+@dataclass
+class RewardConfig:
+    model: str | None = None
+    """Sequence-classification reward model (local dir or hub name); its first logit is the score."""
+    function: str | None = None
+    """Python reward `module:function` or `path/to/file.py:function`, called as f(prompts, completions)."""
+    normalize: Literal["none", "batch", "running"] = "none"
+    """Standardise raw scores over the global rollout batch, or with running moments over all steps."""
+    clip: float | None = None
+    """Clamp scores to [-clip, clip] after normalisation and the EOS penalty."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that ends without the stop token."""
+    batch_size: int = 32
+    """Sequences per forward pass of the reward model."""
+
+    def validate(self) -> None:
+        if (self.model is None) == (self.function is None):
+            raise UserError(
+                "reward: set exactly one of reward.model (a reward-model dir or hub name) or reward.function "
+                f"(module:function), got model={self.model!r}, function={self.function!r}"
+            )
+        if self.function is not None:
+            _check(":" in self.function, "reward.function", self.function, "of the form module:function")
+        _check(self.clip is None or self.clip > 0, "reward.clip", self.clip, "> 0 or null")
+        _check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+               "reward.missing_eos_penalty", self.missing_eos_penalty, ">= 0 or null")
+        _check(self.batch_size > 0, "reward.batch_size", self.batch_size, "> 0")
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:toy-prompts"
+    """Prompts: a local .jsonl/.json/.csv/.parquet file, a hub dataset name, or `builtin:toy-prompts`."""
+    split: str = "train"
+    """Dataset split to read."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt text."""
+    max_prompt_length: int = 64
+    """Longest prompt in tokens; longer ones are handled by `long_prompts`."""
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    """Keep the last `max_prompt_length` tokens of a long prompt, or drop it (counted in the log)."""
+
+    def validate(self) -> None:
+        _check(self.max_prompt_length > 0, "data.max_prompt_length", self.max_prompt_length, "> 0")
+        _check(bool(self.prompt_field), "data.prompt_field", self.prompt_field, "a column name")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 16
+    """Longest response in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probabilities in training use the same temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 disables."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables."""
+    stop_token: str | None = "eos"
+    """Response ends at this token (kept, masked after): `eos`, a literal token string, or null."""
+    batch_size: int | None = None
+    """Prompts per `generate` call on each process; null generates the whole local batch at once."""
+
+    def validate(self) -> None:
+        _check(self.max_new_tokens > 0, "generation.max_new_tokens", self.max_new_tokens, "> 0")
+        _check(self.temperature > 0, "generation.temperature", self.temperature, "> 0")
+        _check(self.top_k >= 0, "generation.top_k", self.top_k, ">= 0")
+        _check(0 < self.top_p <= 1, "generation.top_p", self.top_p, "in (0, 1]")
+        _check(self.batch_size is None or self.batch_size > 0, "generation.batch_size", self.batch_size,
+               "> 0 or null")
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 40
+    """PPO steps (rollout batch, then `ppo_epochs` of updates) to train."""
+    rollout_batch_size: int = 32
+    """Prompts per step, over all processes."""
+    mini_batch_size: int = 8
+    """Rollouts per optimiser step, over all processes."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches each process splits its share of a mini-batch into (memory, not maths: same result)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the policy."""
+    value_learning_rate: float | None = None
+    """AdamW learning rate of the critic; null uses `learning_rate`."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over all optimiser steps of the run (after warm-up)."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warm-up."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (policy and critic together); null disables."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """λ of GAE."""
+    clip: float = 0.2
+    """ε of the clipped policy ratio."""
+    value_clip: float = 0.2
+    """ε_v: new values are clipped to old values ± this."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty to the reference."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """KL estimator in the reward: k1 = log π − log π_ref; k3 = r − 1 − log r with r = π_ref/π (≥ 0)."""
+    target_kl: float | None = None
+    """Adaptive KL: target sequence KL; null keeps `kl_coef` fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL: horizon in rollouts of the proportional controller."""
+    whiten_advantages: bool = True
+    """Standardise advantages over the global rollout batch (response tokens only)."""
+    forward_batch_size: int | None = None
+    """Sequences per no-grad forward pass at rollout time (log-probs, values); null = the local batch."""
+
+    def validate(self, num_processes: int = 1) -> None:
+        for name in ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            _check(getattr(self, name) > 0, f"ppo.{name}", getattr(self, name), "> 0")
+        _check(self.learning_rate > 0, "ppo.learning_rate", self.learning_rate, "> 0")
+        _check(self.value_learning_rate is None or self.value_learning_rate > 0, "ppo.value_learning_rate",
+               self.value_learning_rate, "> 0 or null")
+        _check(self.weight_decay >= 0, "ppo.weight_decay", self.weight_decay, ">= 0")
+        _check(self.warmup_steps >= 0, "ppo.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "ppo.max_grad_norm", self.max_grad_norm,
+               "> 0 or null")
+        _check(0 <= self.gamma <= 1, "ppo.gamma", self.gamma, "in [0, 1]")
+        _check(0 <= self.lam <= 1, "ppo.lam", self.lam, "in [0, 1]")
+        _check(self.clip > 0, "ppo.clip", self.clip, "> 0")
+        _check(self.value_clip > 0, "ppo.value_clip", self.value_clip, "> 0")
+        _check(self.vf_coef >= 0, "ppo.vf_coef", self.vf_coef, ">= 0")
+        _check(self.kl_coef >= 0, "ppo.kl_coef", self.kl_coef, ">= 0")
+        _check(self.target_kl is None or self.target_kl > 0, "ppo.target_kl", self.target_kl, "> 0 or null")
+        _check(self.kl_horizon > 0, "ppo.kl_horizon", self.kl_horizon, "> 0")
+        _check(self.forward_batch_size is None or self.forward_batch_size > 0, "ppo.forward_batch_size",
+               self.forward_batch_size, "> 0 or null")
+        _check(self.rollout_batch_size % self.mini_batch_size == 0, "ppo.rollout_batch_size",
+               self.rollout_batch_size, f"a multiple of ppo.mini_batch_size ({self.mini_batch_size})")
+        per_step = num_processes * self.gradient_accumulation_steps
+        _check(self.mini_batch_size % per_step == 0, "ppo.mini_batch_size", self.mini_batch_size,
+               f"a multiple of processes × gradient_accumulation_steps ({num_processes} × "
+               f"{self.gradient_accumulation_steps})")
+
+
+@dataclass
+class Config:
+    algo: Literal["ppo"] = "ppo"
+    """Training algorithm."""
+    seed: int = 0
+    """Seed of every random number generator (python, numpy, torch, data order, sampling)."""
+    output_dir: str = "runs/ppo"
+    """Where metrics, the resolved config and the final models are written."""
+    report_to: list[str] = field(default_factory=list)
+    """Trackers fed the same metrics as metrics.jsonl: any of `wandb`, `tensorboard`."""
+    project: str = "cppo"
+    """Tracker project name."""
+    run_name: str | None = None
+    """Tracker run name; defaults to the output directory's name."""
+    logging_steps: int = 1
+    """Print a plain progress line every this many steps when stderr is not a terminal."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision under accelerate."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def validate(self, num_processes: int = 1) -> Config:
+        for name in ("report_to",):
+            for tracker in getattr(self, name):
+                _check(tracker in ("wandb", "tensorboard"), "report_to", tracker, "wandb or tensorboard")
+        _check(self.logging_steps > 0, "logging_steps", self.logging_steps, "> 0")
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+        self.model.validate()
+        self.reward.validate()
+        self.data.validate()
+        self.generation.validate()
+        self.ppo.validate(num_processes)
+        if self.model.value_init == "reward_model" and self.model.value_model is None:
+            _check(self.reward.model is not None, "model.value_init", self.model.value_init,
+                   "'policy' when no reward.model is set")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise UserError(f"{name} must be {allowed}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: YAML mapping + dotted `key=value` overrides -> typed, validated dataclasses.
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), num_processes: int = 1) -> Config:
+    """Read `path` (YAML), apply `a.b=value` overrides (values parsed as YAML), build and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of keys to values")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value (e.g. ppo.learning_rate=1e-5)")
+        _set_dotted(raw, key.lstrip("-"), yaml.safe_load(text) if text else None)
+    return from_dict(Config, raw).validate(num_processes)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, converting each value to its field's declared type."""
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(names))})")
+    kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, name)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{name} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        # YAML 1.1 reads `1e-5` as a string; accept any spelling float() accepts.
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            converted = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(converted):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+        return converted
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{name} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,167 @@
+"""The maths of PPO for language models: pure functions over tensors (SPEC §2, §5).
+
+Shapes: B = rollouts, T = response tokens (right-padded), V = vocabulary. `mask` is the response
+mask (B, T) with 1 on real response tokens (a prefix of each row); `weights` are per rollout (B,),
+broadcast over its tokens. Nothing here knows about models, processes or configs: batch-global
+statistics are taken by the caller on the gathered batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i Σ_t w_i m_it x_it (w ≡ 1 when `weights` is None). x, mask: (B, T); weights: (B,)."""
+    m = mask.to(x.dtype)
+    if weights is not None:
+        m = m * weights.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w m x / Σ w m over the whole batch (SPEC §5); 0 when every weight or mask entry is 0."""
+    denominator = masked_sum(torch.ones_like(x), mask, weights)
+    # num is 0 whenever the denominator is, so clamping only guards the division.
+    return masked_sum(x, mask, weights) / denominator.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries of x (B, T), with Bessel's correction by default."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp_min(1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / sqrt(var + eps) over the masked entries (unbiased var); masked-out entries → 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `tokens`. logits: (B, T, V), tokens: (B, T) -> (B, T), float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position. (B, T, V) -> (B, T)."""
+    logits = logits.float() / temperature
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def response_mask_from_stop(responses: torch.Tensor, stop_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of each response up to and including its first stop token, and whether it stopped.
+
+    responses: (B, T) token ids -> (mask (B, T) long, stopped (B,) bool). Without a stop token
+    every position is kept.
+    """
+    if stop_token_id is None:
+        return torch.ones_like(responses), torch.zeros(responses.shape[0], dtype=torch.bool,
+                                                        device=responses.device)
+    is_stop = responses == stop_token_id
+    stopped = is_stop.any(-1)
+    # Count the stop tokens strictly before each position: a position is kept while that count is 0.
+    before = torch.cumsum(is_stop.long(), -1) - is_stop.long()
+    return (before == 0).long(), stopped
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(π ‖ π_ref) estimate from sampled tokens (SPEC §2). (B, T) -> (B, T).
+
+    k1 = log π − log π_ref (unbiased, can be negative); k3 = r − 1 − log r with r = π_ref/π
+    (unbiased, never negative).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = −c_kl·kl_t + [t = last response token]·score (SPEC §2).
+
+    scores: (B,), kl and mask: (B, T) -> (B, T), zero outside the mask.
+    """
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    last = (mask.sum(-1) - 1).clamp_min(0)
+    return rewards.scatter_add(-1, last.unsqueeze(-1), scores.to(kl.dtype).unsqueeze(-1))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, vectorised over batch and time.
+
+    rewards, values, mask: (B, T), mask a prefix of each row. Returns (advantages, returns), both
+    (B, T) and zero outside the mask; returns = advantages + values. The value after the last
+    response token is 0 (the episode ends there).
+
+    δ_t = r_t + γ·V_{t+1} − V_t and A_t = Σ_k (γλ)^k δ_{t+k}; the sum is one matrix product with
+    D[s, t] = (γλ)^(s−t) for s ≥ t, instead of a Python loop over time.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
+    deltas = (rewards * m + gamma * next_values - values) * m
+    steps = torch.arange(values.shape[-1], device=values.device)
+    lag = steps.unsqueeze(1) - steps.unsqueeze(0)  # lag[s, t] = s − t
+    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp_min(0).double(), 0.0)
+    advantages = (deltas.double() @ discount).to(values.dtype) * m
+    return advantages, (advantages + values) * m
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate, a loss to minimise (SPEC §2, §5 with weights = α).
+
+    CLIP_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = exp(log π_θ − log π_roll); the loss is
+    the weighted masked mean Σ α m CLIP / Σ α m. All (B, T); weights (B,). Stats (unweighted):
+    `clipfrac`, the share of tokens where the clipped branch is taken; `approx_kl`, the k3 estimate
+    of KL(π_roll ‖ π_θ).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, weights)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss VF_t = ½ max((V − G)², (clip(V, V_old ± ε_v) − G)²), weighted masked mean.
+
+    All (B, T); weights (B,) (1 by default, α with `alpha_weights_value_loss`). Stat `clipfrac`: the
+    share of tokens where the clipped branch is larger.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask, weights)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_loss > unclipped_loss).to(values.dtype), mask)}
+    return loss, stats
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_rollouts: int) -> float:
+    """Proportional KL controller (Ziegler et al. 2019): move c_kl toward the target sequence KL.
+
+    error = clip(kl / target − 1, −0.2, 0.2); c ← c · (1 + error · n / horizon).
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_rollouts / horizon)

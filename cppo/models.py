@@ -1,0 +1,229 @@
+"""Loading the policy, critic, reference and reward models, and the tiny models built offline.
+
+A model source is a local HF directory, a hub name, or `builtin:tiny-gpt2`: a 2-layer GPT-2 with a
+character-level tokenizer, built once into the cache (`$CPPO_CACHE`, default ~/.cache/cppo) so that
+everything runs with no network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, UserError
+
+BUILTIN_PREFIX = "builtin:"
+TINY_GPT2 = "tiny-gpt2"
+_TINY_VERSION = "v1"  # bump when the builder changes, so cached copies are rebuilt
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CPPO_CACHE", Path.home() / ".cache" / "cppo"))
+
+
+def resolve_model_source(source: str, field: str) -> str:
+    """Turn a config value into what `from_pretrained` takes, building builtin models on first use.
+
+    A value that names an existing directory, or looks like a filesystem path, must be a directory
+    with a config.json; anything else is treated as a hub name and fails at load time if unreachable.
+    """
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name != TINY_GPT2:
+            raise UserError(f"{field} must name a known builtin model ({BUILTIN_PREFIX}{TINY_GPT2}), got {source!r}")
+        target = cache_dir() / "builtin" / f"{TINY_GPT2}-{_TINY_VERSION}"
+        if not (target / "config.json").is_file():
+            build_tiny_gpt2(target)
+        return str(target)
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+    if looks_local:
+        if not (path / "config.json").is_file():
+            what = "has no config.json" if path.is_dir() else "does not exist"
+            raise UserError(f"{field}: model directory {source!r} {what}")
+        return str(path)
+    return source
+
+
+def _tiny_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<pad>", "<unk>"]
+    chars = list(" " + string.ascii_lowercase + string.digits + ".,!?;:'\"-()\n")
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_gpt2(out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
+                    n_positions: int = 256, seed: int = 0) -> Path:
+    """Write a randomly initialised tiny GPT-2 and its character tokenizer to `out_dir` (atomically)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out_dir = Path(out_dir)
+    tokenizer = _tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(out_dir)
+    except OSError:  # another process built it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """Tokenizer with left padding (for batched generation) and a pad token (eos if it had none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer {source!r}: {str(e).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs):
+    dtype = getattr(torch, cfg.dtype)
+    try:
+        model = auto_cls.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from None
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's first-epoch ratio must be exactly 1: no dropout anywhere in the models it compares."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_policy(source: str, cfg: ModelConfig, pad_token_id: int):
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, source, cfg)
+    model.config.pad_token_id = pad_token_id
+    model.generation_config.pad_token_id = pad_token_id
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout,
+                          target_modules=targets[0] if targets == ["all-linear"] else targets)
+        model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def load_frozen(auto_name: str, source: str, cfg: ModelConfig, pad_token_id: int, **kwargs):
+    """A model in eval mode with gradients off: the reference policy or a reward model."""
+    import transformers
+
+    model = _from_pretrained(getattr(transformers, auto_name), source, cfg, **kwargs)
+    model.config.pad_token_id = pad_token_id
+    return model.eval().requires_grad_(False)
+
+
+def load_value_model(source: str, cfg: ModelConfig, pad_token_id: int):
+    """The critic: a causal-LM backbone with a scalar head (`AutoModelForSequenceClassification`).
+
+    From a policy checkpoint the head is new (initialised by transformers); from a reward model the
+    reward head is kept, which starts the critic near the final score.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    # From a causal LM the missing head is expected: keep transformers' load report for real surprises.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = _from_pretrained(AutoModelForSequenceClassification, source, cfg, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(previous)
+    model.config.pad_token_id = pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def scalar_head(model: nn.Module) -> nn.Module:
+    """The scalar output layer of a sequence-classification model (named differently per family)."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise UserError(f"{type(model).__name__} has no scalar head (score/classifier) to use as a critic or reward")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def token_scalars(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  keep: int | None = None) -> torch.Tensor:
+    """Scalar head applied at every position (or the last `keep`). (B, L) -> (B, L or keep), float32."""
+    backbone = model.base_model
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    if keep is not None:
+        hidden = hidden[:, -keep:]
+    return scalar_head(model)(hidden).squeeze(-1).float()
+
+
+class ActorCritic(nn.Module):
+    """Policy and critic as one module, so one optimiser and one `accelerator.prepare` cover both
+    (DDP, DeepSpeed and FSDP each wrap a single module)."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits predicting each response token and the critic's value before it.
+
+        input_ids: (B, P + R) prompt then response -> logits (B, R, V), values (B, R).
+        """
+        logits = policy_response_logits(self.policy, input_ids, attention_mask, response_length)
+        values = token_scalars(self.value_model, input_ids, attention_mask, keep=response_length + 1)[:, :-1]
+        return logits, values
+
+
+def policy_response_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           response_length: int) -> torch.Tensor:
+    """Logits at the positions that predict the last `response_length` tokens: (B, R, V).
+
+    Only those R + 1 positions go through the output layer (`logits_to_keep`), not the prompt's.
+    """
+    out = policy(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                 logits_to_keep=response_length + 1)
+    return out.logits[:, :-1]

@@ -1,0 +1,104 @@
+"""Reward sources behind one interface: `reward(prompts, completions, input_ids, attention_mask) -> (B,)`.
+
+Either a sequence-classification reward model (its first logit at the last real token) or a Python
+callable `f(prompts, completions) -> list[float]`. Both return raw scores; clipping, normalisation
+and the missing-EOS penalty are applied by the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+from .models import token_scalars
+
+
+def import_reward_function(spec: str) -> Callable:
+    """Import `module:function` or `path/to/file.py:function`, with one-line errors."""
+    module_name, _, function_name = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser()
+            if not path.is_file():
+                raise UserError(f"reward.function: file not found: {module_name}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[path.stem] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except UserError:
+        raise
+    except Exception as e:  # the user's module may raise anything on import
+        raise UserError(f"reward.function: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"reward.function: {module_name!r} has no callable {function_name!r}")
+    return function
+
+
+class CallableReward:
+    """Scores from a user function of the decoded prompts and completions."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.function = import_reward_function(spec)
+
+    def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+        values = self.function(list(prompts), list(completions))
+        return check_scores(values, len(completions), f"reward function {self.spec}")
+
+
+def check_scores(values, expected: int, source: str) -> torch.Tensor:
+    """Scores as a float tensor (B,), or a one-line error for a wrong count or a non-finite value."""
+    try:
+        scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError):
+        raise UserError(f"{source} must return a list of numbers, got {type(values).__name__}") from None
+    if scores.numel() != expected:
+        raise UserError(f"{source} returned {scores.numel()} scores for {expected} completions")
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise UserError(f"{source} returned a non-finite score ({scores[i].item()}) for completion {i}")
+    return scores
+
+
+class ModelReward:
+    """Scores from a sequence-classification reward model: its scalar head at the last real token.
+
+    When the reward model shares the policy's vocabulary the rollout ids are scored as they are;
+    otherwise prompt and completion are decoded and re-tokenised with the reward model's tokenizer.
+    """
+
+    def __init__(self, model, tokenizer, policy_tokenizer, batch_size: int):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if not self.same_vocab:
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        scores = []
+        for start in range(0, input_ids.shape[0], self.batch_size):
+            ids = input_ids[start:start + self.batch_size].to(device)
+            mask = attention_mask[start:start + self.batch_size].to(device)
+            per_token = token_scalars(self.model, ids, mask)
+            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # rightmost real token
+            scores.append(per_token.gather(-1, last.unsqueeze(-1)).squeeze(-1))
+        result = torch.cat(scores).cpu()
+        if not bool(torch.isfinite(result).all()):
+            raise UserError("reward model returned a non-finite score")
+        return result
+

@@ -1,0 +1,105 @@
+"""Generation and scoring of one rollout batch: sampled responses, cut at the stop token, with the
+log-probs of the policy and the reference, the critic's values, and the raw reward scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import nn
+
+from .core import entropy_from_logits, logprobs_from_logits, response_mask_from_stop
+from .models import policy_response_logits, token_scalars
+
+
+@dataclass
+class Rollout:
+    """One process's share of a rollout batch. B rollouts, P prompt columns (left-padded), R response
+    columns (right-padded; `response_mask` marks the tokens up to and including the stop token)."""
+
+    prompt_ids: torch.Tensor  # (B, P)
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R)
+    stopped: torch.Tensor  # (B,) bool: the response ends with the stop token
+    old_logprobs: torch.Tensor  # (B, R) log π_roll of each response token
+    ref_logprobs: torch.Tensor  # (B, R) log π_ref of each response token
+    old_values: torch.Tensor  # (B, R) critic's values at rollout time
+    entropy: torch.Tensor  # (B, R) entropy of π_roll at each response position
+    raw_scores: torch.Tensor  # (B,) reward before clipping, normalisation and KL shaping
+    # Filled in by the trainer after the rollout:
+    scores: torch.Tensor | None = None  # (B,) reward after clipping / normalisation / EOS penalty
+    advantages: torch.Tensor | None = None  # (B, R)
+    returns: torch.Tensor | None = None  # (B, R)
+    anchor_logprobs: torch.Tensor | None = None  # (B, R) log π_anchor, when an extra loss term needs it
+    loss_weights: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per loss term, (B,) or None
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """Rows `index`, with the padding columns no selected row uses trimmed away (leading prompt
+        columns, trailing response columns): fewer positions to run through the models."""
+        response_width = int(self.response_mask[index].sum(-1).max())
+        prompt_width = int(self.prompt_mask[index].sum(-1).max())
+
+        def take(name: str, value):
+            if isinstance(value, dict):
+                return {k: take(name, v) for k, v in value.items()}
+            if not isinstance(value, torch.Tensor):
+                return value
+            value = value[index]
+            if value.dim() == 2:
+                value = value[:, -prompt_width:] if name.startswith("prompt") else value[:, :response_width]
+            return value
+
+        return replace(self, **{f.name: take(f.name, getattr(self, f.name)) for f in fields(self)})
+
+
+@torch.no_grad()
+def generate(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config,
+             stop_token_id: int | None, pad_token_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """Sample responses in chunks of `chunk` prompts. Returns (response_ids (B, R) with pad after the
+    stop token, response_mask (B, R), stopped (B,))."""
+    pieces = []
+    for start in range(0, prompt_ids.shape[0], chunk):
+        ids, mask = prompt_ids[start:start + chunk], prompt_mask[start:start + chunk]
+        out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+        pieces.append(out[:, ids.shape[1]:])
+    width = max(p.shape[1] for p in pieces)
+    responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
+    response_mask, stopped = response_mask_from_stop(responses, stop_token_id)
+    responses = responses.masked_fill(response_mask == 0, pad_token_id)
+    return responses, response_mask, stopped
+
+
+@torch.no_grad()
+def response_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_ids: torch.Tensor, temperature: float, chunk: int,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(response token) for every response position, in chunks: (B, R) [and entropy (B, R)]."""
+    response_length = response_ids.shape[1]
+    logprobs, entropies = [], []
+    for start in range(0, input_ids.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        logits = policy_response_logits(policy, input_ids[rows], attention_mask[rows], response_length)
+        logprobs.append(logprobs_from_logits(logits, response_ids[rows], temperature))
+        if with_entropy:
+            entropies.append(entropy_from_logits(logits, temperature))
+    return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
+
+
+@torch.no_grad()
+def response_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_length: int, chunk: int) -> torch.Tensor:
+    """The critic's value before each response token: (B, R)."""
+    values = [token_scalars(value_model, input_ids[s:s + chunk], attention_mask[s:s + chunk],
+                            keep=response_length + 1)[:, :-1] for s in range(0, input_ids.shape[0], chunk)]
+    return torch.cat(values)

@@ -1,0 +1,23 @@
+"""Toy prompts and rewards for runs with no network: learnable in a few dozen PPO steps on a CPU."""
+
+from __future__ import annotations
+
+import random
+
+_SUBJECTS = ["the cat", "a river", "my friend", "the old town", "a small robot", "the garden", "our team",
+             "the night sky", "a quiet street", "the market", "this song", "the winter", "a letter", "the map"]
+_FRAMES = ["tell me about {}:", "describe {}:", "a story of {}:", "write on {}:", "notes on {}:", "why {}?"]
+
+
+def toy_prompts(n: int = 512, seed: int = 0) -> list[str]:
+    """`n` short English-like prompts, the same for the same seed."""
+    rng = random.Random(seed)
+    return [rng.choice(_FRAMES).format(rng.choice(_SUBJECTS)) for _ in range(n)]
+
+
+def vowel_fraction(prompts: list[str], completions: list[str]) -> list[float]:
+    """Share of a completion's characters that are vowels (0 for an empty completion).
+
+    A random tiny model scores about 0.1; PPO can push it toward 1 within a few dozen steps.
+    """
+    return [sum(ch in "aeiou" for ch in text) / max(len(text), 1) for text in completions]

@@ -1,0 +1,99 @@
+"""Metrics out: metrics.jsonl, the resolved config, wandb / tensorboard (through accelerate's trackers),
+and progress on the terminal. Only the main process writes; nothing is written before the first
+step has finished, so a run that fails on its inputs leaves no half-made output directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from .config import Config, dump_config
+
+# Shown on the progress bar / plain progress lines, in this order.
+_PROGRESS_KEYS = {"reward/mean": "reward", "kl/mean": "kl", "policy/clipfrac": "clipfrac"}
+
+
+class Tracker:
+    def __init__(self, accelerator, config: Config):
+        self.accelerator, self.config = accelerator, config
+        self.output_dir = Path(config.output_dir)
+        self.enabled = accelerator.is_main_process
+        self._started = False
+
+    def _start(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.config, self.output_dir / "config.yaml")
+        if self.config.report_to:
+            run_name = self.config.run_name or self.output_dir.name
+            init_kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir)}}
+            self.accelerator.init_trackers(self.config.project, config=_flatten(self.config.to_dict()),
+                                           init_kwargs=init_kwargs)
+        self._started = True
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        if not self._started:
+            self._start()
+        row = {"step": step, **metrics}
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.config.report_to:
+            self.accelerator.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.enabled and self._started and self.config.report_to:
+            self.accelerator.end_training()
+
+    @contextlib.contextmanager
+    def progress(self, total: int, initial: int):
+        """A tqdm bar on a terminal; a plain line every `logging_steps` steps otherwise."""
+        display = _Progress(total, initial, self.config.logging_steps, self.enabled)
+        try:
+            yield display
+        finally:
+            display.close()
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, every: int, enabled: bool):
+        self.total, self.initial, self.every = total, initial, every
+        self.started = time.perf_counter()
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="ppo", dynamic_ncols=True)
+
+    def update(self, step: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        shown = {label: stats[key] for key, label in _PROGRESS_KEYS.items() if key in stats}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(step - self.initial, 1) * (self.total - step)
+            fields = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            print(f"step {step}/{self.total} {fields} {stats.get('time/step_s', 0):.2f}s/step "
+                  f"eta {timedelta(seconds=round(eta))}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
