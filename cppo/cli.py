@@ -44,10 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.set_defaults(run=build_tiny)
     args = parser.parse_args(argv)
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # loading/saving bars would bury the training progress
     try:
         return args.run(args)
     except UserError as e:

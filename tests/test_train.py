@@ -1,0 +1,246 @@
+"""End-to-end behaviour of `cppo train` on the tiny offline model: learning, outputs, errors."""
+
+import json
+import math
+import subprocess
+import textwrap
+
+import pytest
+import torch
+from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
+
+from cppo.cli import main
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ppo_tiny_learns_and_saves_a_loadable_policy(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    result = subprocess.run([PYTHON, "-m", "cppo", "train", tiny_config, f"output_dir={out}"], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    required = {"step", "reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/clipfrac",
+                "policy/approx_kl", "time/step_s", "time/generate_s", "tokens_per_s"}
+    assert required <= set(rows[0])
+    first = sum(r["reward/mean"] for r in rows[:5]) / 5
+    last = sum(r["reward/mean"] for r in rows[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+    # not a TTY: plain progress lines
+    assert "step 40/40" in result.stderr
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    policy = AutoModelForCausalLM.from_pretrained(out / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(out / "policy")
+    prompt = tokenizer(["describe the cat:"], return_tensors="pt")
+    generated = policy.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    # the trained policy answers mostly in vowels
+    assert sum(c in "aeiou" for c in text) / max(len(text), 1) > 0.5, text
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert critic.config.num_labels == 1
+    saved = (out / "config.yaml").read_text()
+    assert "vowel_fraction" in saved and "learning_rate: 0.0003" in saved
+
+
+def run_cli(args, capsys):
+    code = main(["train", *args])
+    return code, capsys.readouterr().err
+
+
+def reward_module(tmp_path, body):
+    path = tmp_path / "my_reward.py"
+    path.write_text(textwrap.dedent(body))
+    return f"{path}:score"
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "missing_model", "missing_data", "not_importable",
+                                  "no_function", "wrong_length", "nan", "bad_stop_token"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_config, capsys, case):
+    out = tmp_path / "out"
+    bodies = {"wrong_length": "def score(p, c): return [1.0]",
+              "nan": "def score(p, c): return [float('nan')] * len(c)"}
+    module = reward_module(tmp_path, bodies.get(case, "def score(p, c): return [0.0] * len(c)"))
+    extra = {
+        "unknown_key": ["ppo.learning_rat=1"],
+        "wrong_type": ["ppo.steps=ten"],
+        "missing_model": [f"model.policy={tmp_path}/no/such/model"],
+        "missing_data": [f"data.path={tmp_path}/missing.jsonl"],
+        "not_importable": ["reward.function=no_such_module_xyz:score"],
+        "no_function": ["reward.function=cppo.toy:no_such_function"],
+        "wrong_length": [f"reward.function={module}"],
+        "nan": [f"reward.function={module}"],
+        "bad_stop_token": ["generation.stop_token=not-a-token"],
+    }[case]
+    expected = {
+        "unknown_key": "unknown config key 'ppo.learning_rat'",
+        "wrong_type": "ppo.steps must be an integer, got 'ten'",
+        "missing_model": "model.policy: model directory",
+        "missing_data": "data.path: file not found",
+        "not_importable": "reward.function: cannot import 'no_such_module_xyz'",
+        "no_function": "has no callable 'no_such_function'",
+        "wrong_length": "returned 1 scores for 8 completions",
+        "nan": "returned a non-finite score (nan) for completion 0",
+        "bad_stop_token": "generation.stop_token must be",
+    }[case]
+    code, err = run_cli([tiny_config, *quick_overrides(out), *extra], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not out.exists()
+
+
+def test_reward_model_value_init_and_local_jsonl_prompts(tmp_path, tiny_config, capsys):
+    """A sequence-classification reward model scores rollouts and seeds the critic; prompts from a file."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cppo.models import resolve_model_source
+
+    tiny = resolve_model_source("builtin:tiny-gpt2", "model.policy")
+    torch.manual_seed(1)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
+    reward_dir = tmp_path / "models" / "reward"
+    reward_model.save_pretrained(reward_dir)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(reward_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": f"prompt number {i}:", "id": i}) + "\n" for i in range(20)))
+
+    out = tmp_path / "out"
+    code, err = run_cli([tiny_config, *quick_overrides(out), "reward.function=null", f"reward.model={reward_dir}",
+                         "model.value_init=reward_model", f"data.path={prompts}", "data.prompt_field=text"], capsys)
+    assert code == 0, err
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["reward/mean"]) for r in rows)
+    # the critic started as the reward model: same head weights before training moved them a little
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert torch.allclose(critic.score.weight, reward_model.score.weight, atol=0.05)
+    assert not torch.equal(critic.score.weight, reward_model.score.weight)
+
+
+def test_missing_prompt_column_is_reported(tmp_path, tiny_config, capsys):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("question\nhello\n")
+    code, err = run_cli([tiny_config, *quick_overrides(tmp_path / "out"), f"data.path={prompts}"], capsys)
+    assert code == 2 and "column 'prompt' not in" in err
+
+
+def test_lora_policy_uses_the_base_as_reference_and_saves_merged(tmp_path, tiny_config, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli([tiny_config, *quick_overrides(out), "model.lora_r=4"], capsys)
+    assert code == 0, err
+    rows = read_metrics(out)
+    assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero: policy == reference
+    assert (out / "policy_adapter" / "adapter_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "policy")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_trackers_wandb_offline_and_tensorboard(tmp_path, tiny_config, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "out"
+    code, err = run_cli([tiny_config, *quick_overrides(out), "report_to=[wandb,tensorboard]"], capsys)
+    assert code == 0, err
+    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run"
+    assert list(out.rglob("events.out.tfevents.*")), "no tensorboard event file"
+
+
+def test_gradient_accumulation_gives_the_same_gradient(tmp_path, tiny_config):
+    """Token-weighted means are normalised over the whole mini-batch: splitting it into micro-batches
+    changes the arithmetic order only, not the gradient."""
+    from cppo.config import load_config
+    from cppo.trainer import PPOTrainer
+
+    gradients = []
+    for accumulation in (1, 4):
+        overrides = quick_overrides(tmp_path / f"a{accumulation}", steps=1,
+                                    **{"ppo.gradient_accumulation_steps": accumulation, "ppo.mini_batch_size": 8,
+                                       "ppo.max_grad_norm": "null"})
+        trainer = PPOTrainer(load_config(tiny_config, overrides))
+        step = trainer.optimizer.step
+
+        def record_then_step(*args, _step=step, _trainer=trainer, **kwargs):
+            gradients.append(torch.cat([p.grad.flatten() for p in _trainer.unwrapped.parameters()]))
+            return _step(*args, **kwargs)
+
+        trainer.optimizer.step = record_then_step
+        trainer.step()
+    assert len(gradients) == 2 and gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_launch_trains_and_only_rank_0_writes(tmp_path, tiny_config):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "cppo", "train",
+         tiny_config, *quick_overrides(out, steps=3)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert result.stderr.count("step 3/3") == 1
+
+
+def test_hub_name_that_cannot_be_reached_is_a_one_line_error(tmp_path, tiny_config, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli([tiny_config, *quick_overrides(tmp_path / "out"), "model.policy=no-such-org/no-such-model"],
+                        capsys)
+    assert code == 2 and "cannot load" in err and "no-such-org/no-such-model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_adaptive_kl_moves_the_coefficient(tmp_path, tiny_config, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli([tiny_config, *quick_overrides(out, steps=3), "ppo.target_kl=0.001", "ppo.kl_horizon=100",
+                         "ppo.learning_rate=1e-3"], capsys)
+    assert code == 0, err
+    rows = read_metrics(out)
+    coefs = [r["kl/coef"] for r in rows]
+    assert coefs[0] == pytest.approx(0.01)
+    # step 1 has KL 0 (policy = reference): the coefficient drops by the clipped 20% × 8/100
+    assert coefs[1] == pytest.approx(0.01 * (1 - 0.2 * 8 / 100))
+    # afterwards it follows the controller on the logged sequence KL (above target here: it grows)
+    assert rows[1]["kl/mean"] > 0.0012
+    assert coefs[2] == pytest.approx(coefs[1] * (1 + 0.2 * 8 / 100))
+
+
+def test_score_processing_order():
+    """normalise → subtract the missing-EOS penalty → clip (documented in RewardConfig)."""
+    from types import SimpleNamespace
+
+    from cppo.config import RewardConfig
+    from cppo.trainer import PPOTrainer, RunningMoments
+
+    fake = SimpleNamespace(config=SimpleNamespace(reward=RewardConfig(function="m:f", normalize="batch", clip=1.0,
+                                                                      missing_eos_penalty=0.5)),
+                           stop_token_id=0, gather_rows=lambda x: x, score_moments=RunningMoments())
+    raw = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    stopped = torch.tensor([True, False, True, True])
+    scores = PPOTrainer.process_scores(fake, raw, stopped)
+    z = (raw - raw.mean()) / raw.std()
+    expected = (z - 0.5 * torch.tensor([0.0, 1.0, 0.0, 0.0])).clamp(-1, 1)
+    torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
+    fake.config.reward.normalize = "running"
+    PPOTrainer.process_scores(fake, raw, stopped)
+    PPOTrainer.process_scores(fake, raw + 4, stopped)
+    both = torch.cat([raw, raw + 4])
+    assert fake.score_moments.count == 8
+    assert fake.score_moments.mean == pytest.approx(both.mean().item())
+    assert fake.score_moments.std == pytest.approx(both.std().item(), rel=1e-6)
