@@ -15,9 +15,9 @@ def _is_main_process() -> bool:
 
 def train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
-    from .trainer import PPOTrainer
+    from .trainer import trainer_class
 
-    trainer = PPOTrainer(config)
+    trainer = trainer_class(config)(config)
     stats = trainer.train()
     if _is_main_process():
         print(f"done: {config.ppo.steps} steps, final reward/mean={stats.get('reward/mean', float('nan')):.4f}; "

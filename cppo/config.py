@@ -201,10 +201,59 @@ class PPOConfig:
                f"{self.gradient_accumulation_steps})")
 
 
+_ABLATIONS = ("none", "alpha_one", "beta_one", "beta_zero")
+
+
+@dataclass
+class CPPOConfig:
+    k: float = 0.85
+    """Zone threshold in standard deviations: high ℓ ⇔ ℓ ≥ μ + kσ, low ℓ ⇔ ℓ ≤ μ − kσ (same for R)."""
+    lb: float = 0.2
+    """Lower bound of α and β (0 < lb ≤ 1)."""
+    ub: float = 2.0
+    """Upper bound of α and β (ub ≥ 1)."""
+    weighting: Literal["heuristic", "balance", "learned"] = "heuristic"
+    """α/β per type: the paper's continuous Table 2, the step constants of the authors' code, or L_coef."""
+    kr_coef: float = 1.0
+    """Coefficient c_kr of the knowledge-retention term KR in the loss."""
+    kr_anchor: Literal["previous_task", "rollout"] = "previous_task"
+    """Policy KR pulls toward: π_{t−1} frozen at the task's start (paper), or the rollout policy (authors' code)."""
+    kl_reference: Literal["previous_task", "initial"] = "previous_task"
+    """Reference of the KL penalty in the reward: π_{t−1}, or the initial (SFT) policy."""
+    alpha_weights_value_loss: bool = False
+    """Weight the value loss by α too (authors' code); by default the value loss is unweighted."""
+    ablation: str = "none"
+    """`none`, `alpha_one` (α ≡ 1), `beta_one` (β ≡ 1), `beta_zero` (β ≡ 0), or several joined by `+`."""
+    stats_reward: Literal["score", "shaped"] = "score"
+    """R used for the five types: the processed score, or score − c_kl·Σ kl (shaped)."""
+    tau: float = 0.05
+    """Learned weighting: weight τ of the order constraints in L_coef."""
+    coef_lr: float = 0.05
+    """Learned weighting: Adam step size on the weight parameters."""
+    coef_steps: int = 1000
+    """Learned weighting: most Adam steps per rollout batch."""
+    coef_tol: float = 1e-5
+    """Learned weighting: stop once no α or β moves more than this in a step."""
+
+    def validate(self) -> None:
+        _check(self.k > 0, "cppo.k", self.k, "> 0")
+        _check(0 < self.lb <= 1, "cppo.lb", self.lb, "in (0, 1]")
+        _check(self.ub >= 1, "cppo.ub", self.ub, ">= 1")
+        _check(self.kr_coef >= 0, "cppo.kr_coef", self.kr_coef, ">= 0")
+        _check(self.tau >= 0, "cppo.tau", self.tau, ">= 0")
+        _check(self.coef_lr > 0, "cppo.coef_lr", self.coef_lr, "> 0")
+        _check(self.coef_steps > 0, "cppo.coef_steps", self.coef_steps, "> 0")
+        _check(self.coef_tol >= 0, "cppo.coef_tol", self.coef_tol, ">= 0")
+        parts = self.ablation.split("+")
+        _check(all(p in _ABLATIONS for p in parts) and len(set(parts)) == len(parts)
+               and not ("none" in parts and len(parts) > 1) and not {"beta_one", "beta_zero"} <= set(parts),
+               "cppo.ablation", self.ablation, f"one of {', '.join(_ABLATIONS)} or several joined by '+'")
+
+
 @dataclass
 class Config:
-    algo: Literal["ppo"] = "ppo"
-    """Training algorithm."""
+    algo: Literal["ppo", "cppo"] = "ppo"
+    """Training algorithm: plain PPO, or CPPO (the `cppo` section applies)."""
     seed: int = 0
     """Seed of every random number generator (python, numpy, torch, data order, sampling)."""
     output_dir: str = "runs/ppo"
@@ -224,6 +273,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    cppo: CPPOConfig = field(default_factory=CPPOConfig)
 
     def validate(self, num_processes: int = 1) -> Config:
         for name in ("report_to",):
@@ -236,6 +286,7 @@ class Config:
         self.data.validate()
         self.generation.validate()
         self.ppo.validate(num_processes)
+        self.cppo.validate()
         if self.model.value_init == "reward_model" and self.model.value_model is None:
             _check(self.reward.model is not None, "model.value_init", self.model.value_init,
                    "'policy' when no reward.model is set")

@@ -46,8 +46,9 @@ class Tracker:
             self.accelerator.log(metrics, step=step)
 
     def finish(self) -> None:
-        if self.enabled and self._started and self.config.report_to:
-            self.accelerator.end_training()
+        """Close the trackers (main process) and the process group (every process)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int):

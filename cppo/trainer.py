@@ -1,7 +1,7 @@
 """The PPO loop for causal language models (SPEC §2), with the hooks CPPO overrides (SPEC §5).
 
 One step reads top to bottom in `PPOTrainer.step`: rollout → scores → KL-shaped rewards → advantages
-→ per-rollout loss weights (the hook) → epochs of mini-batch updates → KL controller → stats.
+→ per-rollout loss weights (the `prepare_losses` hook) → epochs of mini-batch updates → KL controller → stats.
 Statistics over the batch are taken on the batch gathered from every process, in `gather_rows`.
 """
 
@@ -30,6 +30,7 @@ from .models import (
 from .rewards import CallableReward, ModelReward, import_reward_function
 from .rollout import Rollout, generate, response_logprobs, response_values
 from .tracking import Tracker
+from .weighting import apply_ablation, batch_stats, heuristic_weights, learned_weights
 
 
 class RunningMoments:
@@ -74,8 +75,8 @@ def check_sources(config: Config) -> None:
 class PPOTrainer:
     """PPO with a separate critic, a frozen reference policy and a reward model or function.
 
-    Subclasses change the algorithm through three hooks, never the loop: `compute_loss_weights`
-    (per-rollout weights of each loss term), `extra_losses` (added loss terms) and their stats.
+    Subclasses change the algorithm through two hooks, never the loop: `prepare_losses` (per-rollout
+    weights of each loss term, and anything else the terms need) and `extra_losses` (added terms).
     """
 
     def __init__(self, config: Config, accelerator: Accelerator | None = None):
@@ -200,7 +201,7 @@ class PPOTrainer:
                                                    self.config.ppo.gamma, self.config.ppo.lam)
         if self.config.ppo.whiten_advantages:
             batch.advantages = self.whiten(batch.advantages, batch.response_mask)
-        batch.loss_weights, weight_stats = self.compute_loss_weights(batch, kl)
+        weight_stats = self.prepare_losses(batch, kl)
         train_start = time.perf_counter()
         train_stats = self.optimise(batch)
         sequence_kl = (kl * batch.response_mask).sum(-1)
@@ -312,13 +313,15 @@ class PPOTrainer:
 
     # --------------------------------------------------------------------------------------- hooks
 
-    def compute_loss_weights(self, batch: Rollout, kl: torch.Tensor) -> tuple[dict[str, torch.Tensor | None],
-                                                                               dict[str, float]]:
-        """Per-rollout (B,) weights of each loss term, or None for 1; plus stats to log.
+    def prepare_losses(self, batch: Rollout, kl: torch.Tensor) -> dict[str, float]:
+        """Fill in what the loss terms need, at least `batch.loss_weights`: per-rollout (B,) weights of
+        each term (None for 1), returning stats to log.
 
-        PPO weighs every rollout equally. CPPO returns α for `policy` (and `value`), β for `kr`.
+        PPO weighs every rollout equally. CPPO sets α for `policy` (and `value`), β for `kr`, and
+        the anchor log-probs of KR.
         """
-        return {"policy": None, "value": None}, {}
+        batch.loss_weights = {"policy": None, "value": None}
+        return {}
 
     def extra_losses(self, batch: Rollout, logprobs: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
         """Loss terms added to PG + c_vf·VF: name → (coefficient, weighted masked mean over `batch`),
@@ -441,3 +444,61 @@ class PPOTrainer:
         self.tokenizer.save_pretrained(directory / "policy")
         model.value_model.save_pretrained(directory / "value_model")
         self.tokenizer.save_pretrained(directory / "value_model")
+
+
+class CPPOTrainer(PPOTrainer):
+    """CPPO (SPEC §3–§5): PPO whose rollouts are typed by (ℓ, R) and weighted by α in the policy loss
+    and by β in the knowledge-retention term KR = Σ β m (log π_θ − log π_anchor)² / Σ β m.
+
+    With `kr_anchor: previous_task` and `kl_reference: previous_task` the anchor and the KL reference
+    are the same frozen π_{t−1}, so KR reuses the reference log-probs: no extra model pass.
+    """
+
+    def prepare_losses(self, batch: Rollout, kl: torch.Tensor) -> dict[str, float]:
+        ccfg = self.config.cppo
+        # The five types need μ and σ over the whole batch: ℓ and R are computed on the gathered batch,
+        # so the same rollouts give bit-identical statistics on any number of processes.
+        mask = self.gather_rows(batch.response_mask)
+        # ℓ_i: mean token log-prob of the response [resolution: SPEC §3]; R_i: score or shaped score.
+        every_logprob = (self.gather_rows(batch.old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        every_reward = self.gather_rows(batch.scores)
+        if ccfg.stats_reward == "shaped":
+            every_reward = every_reward - self.kl_coef * (self.gather_rows(kl) * mask).sum(-1)
+        if ccfg.weighting == "learned":
+            alpha, beta, types = learned_weights(every_logprob, every_reward, ccfg.k, ccfg.lb, ccfg.ub, ccfg.tau,
+                                                 ccfg.coef_lr, ccfg.coef_steps, ccfg.coef_tol)
+        else:
+            alpha, beta, types = heuristic_weights(every_logprob, every_reward, ccfg.k, ccfg.lb, ccfg.ub,
+                                                   ccfg.weighting)
+        alpha, beta = apply_ablation(alpha.to(self.device), beta.to(self.device), ccfg.ablation)
+        local_alpha, local_beta = self.local_rows(alpha, batch.scores), self.local_rows(beta, batch.scores)
+        batch.loss_weights = {"policy": local_alpha, "value": local_alpha if ccfg.alpha_weights_value_loss else None,
+                              "kr": local_beta}
+        batch.anchor_logprobs = batch.old_logprobs if ccfg.kr_anchor == "rollout" else batch.ref_logprobs
+        return self.weight_stats(every_logprob, every_reward, alpha, beta, types)
+
+    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        beta = batch.loss_weights["kr"]
+        if not bool(beta.any()):  # β ≡ 0 here: KR is 0 (SPEC §5), skip its arithmetic
+            return {"kr": (self.config.cppo.kr_coef, torch.zeros((), device=logprobs.device))}
+        squared = (logprobs - batch.anchor_logprobs) ** 2
+        return {"kr": (self.config.cppo.kr_coef, core.masked_mean(squared, batch.response_mask, beta))}
+
+    def weight_stats(self, logprob_mean: torch.Tensor, reward: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                     types: torch.Tensor) -> dict[str, float]:
+        stats = batch_stats(logprob_mean, reward)
+        counts = torch.bincount(types.cpu(), minlength=6)[1:].double() / types.numel()
+        out = {f"cppo/frac_r{j}": counts[j - 1].item() for j in range(1, 6)}
+        spread = (lambda x: x.std().item()) if alpha.numel() > 1 else (lambda x: 0.0)
+        out.update({
+            "cppo/alpha_mean": alpha.mean().item(), "cppo/alpha_std": spread(alpha),
+            "cppo/beta_mean": beta.mean().item(), "cppo/beta_std": spread(beta),
+            "cppo/logprob_mu": stats.logprob_mu, "cppo/logprob_sigma": stats.logprob_sigma,
+            "cppo/reward_mu": stats.reward_mu, "cppo/reward_sigma": stats.reward_sigma,
+            "cppo/degenerate": float(stats.degenerate),
+        })
+        return out
+
+
+def trainer_class(config: Config) -> type[PPOTrainer]:
+    return CPPOTrainer if config.algo == "cppo" else PPOTrainer

@@ -36,6 +36,16 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     (["reward.model=x"], "reward: set exactly one of reward.model"),
     (["reward.function=nocolon"], "reward.function must be of the form module:function"),
     (["ppo=3"], "ppo must be a mapping"),
+    (["algo=trpo"], "algo must be one of ppo, cppo, got 'trpo'"),
+    (["cppo.k=0"], "cppo.k must be > 0, got 0.0"),
+    (["cppo.lb=0"], "cppo.lb must be in (0, 1], got 0.0"),
+    (["cppo.lb=1.5"], "cppo.lb must be in (0, 1], got 1.5"),
+    (["cppo.ub=0.5"], "cppo.ub must be >= 1, got 0.5"),
+    (["cppo.weighting=linear"], "cppo.weighting must be one of heuristic, balance, learned"),
+    (["cppo.kr_anchor=initial"], "cppo.kr_anchor must be one of previous_task, rollout"),
+    (["cppo.ablation=alpha_two"], "cppo.ablation must be one of none, alpha_one, beta_one, beta_zero"),
+    (["cppo.ablation=beta_one+beta_zero"], "cppo.ablation must be one of"),
+    (["cppo.coef_steps=0"], "cppo.coef_steps must be > 0, got 0"),
     (["ppo"], "override 'ppo' must look like key=value"),
 ])
 def test_bad_values_give_one_line_errors(tmp_path, overrides, message):

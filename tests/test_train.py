@@ -26,6 +26,22 @@ def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def mean_reward(rows):
+    return sum(r["reward/mean"] for r in rows) / len(rows)
+
+
+@pytest.mark.slow
+def test_cppo_tiny_learns_like_ppo_tiny(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([PYTHON, "-m", "cppo", "train", str(ROOT / "configs" / "cppo_tiny.yaml"),
+                             f"output_dir={out}"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 40 and "cppo/frac_r1" in rows[0]
+    assert mean_reward(rows[-5:]) > mean_reward(rows[:5]) + 0.3
+
+
 @pytest.mark.slow
 def test_ppo_tiny_learns_and_saves_a_loadable_policy(tmp_path, tiny_config):
     out = tmp_path / "run"
@@ -37,8 +53,7 @@ def test_ppo_tiny_learns_and_saves_a_loadable_policy(tmp_path, tiny_config):
     required = {"step", "reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/clipfrac",
                 "policy/approx_kl", "time/step_s", "time/generate_s", "tokens_per_s"}
     assert required <= set(rows[0])
-    first = sum(r["reward/mean"] for r in rows[:5]) / 5
-    last = sum(r["reward/mean"] for r in rows[-5:]) / 5
+    first, last = mean_reward(rows[:5]), mean_reward(rows[-5:])
     assert last > first + 0.3, (first, last)
     # not a TTY: plain progress lines
     assert "step 40/40" in result.stderr
@@ -187,11 +202,12 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, tiny_config):
 
 
 @pytest.mark.slow
-def test_two_process_launch_trains_and_only_rank_0_writes(tmp_path, tiny_config):
+@pytest.mark.parametrize("algo", ["ppo", "cppo"])
+def test_two_process_launch_trains_and_only_rank_0_writes(tmp_path, tiny_config, algo):
     out = tmp_path / "out"
     result = subprocess.run(
         [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "cppo", "train",
-         tiny_config, *quick_overrides(out, steps=3)],
+         tiny_config, *quick_overrides(out, steps=3), f"algo={algo}"],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
@@ -244,3 +260,85 @@ def test_score_processing_order():
     assert fake.score_moments.count == 8
     assert fake.score_moments.mean == pytest.approx(both.mean().item())
     assert fake.score_moments.std == pytest.approx(both.std().item(), rel=1e-6)
+
+
+def test_cppo_with_alpha_one_beta_zero_is_bit_identical_to_ppo(tmp_path, tiny_config):
+    """SPEC §5's invariant: α ≡ 1, β ≡ 0 makes CPPO exactly PPO, same seed and config."""
+    from cppo.config import load_config
+    from cppo.trainer import trainer_class
+
+    weights = []
+    for algo in ("ppo", "cppo"):
+        overrides = quick_overrides(tmp_path / algo, steps=3, **{"algo": algo, "ppo.ppo_epochs": 2,
+                                                                  "cppo.ablation": "alpha_one+beta_zero"})
+        config = load_config(tiny_config, overrides)
+        trainer = trainer_class(config)(config)
+        for _ in range(3):
+            trainer.step()
+        weights.append([p.detach().clone() for p in trainer.unwrapped.parameters()])
+    assert len(weights[0]) == len(weights[1])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    # and the run did move the weights: the comparison is not between two untouched models
+    from cppo.models import load_policy, resolve_model_source
+
+    initial = load_policy(resolve_model_source("builtin:tiny-gpt2", "p"), config.model, 1)
+    assert not torch.equal(next(initial.parameters()), weights[0][0])
+
+
+def test_cppo_logs_types_weights_and_kr(tmp_path, tiny_config, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli([tiny_config, *quick_overrides(out, steps=3), "algo=cppo", "ppo.rollout_batch_size=16"],
+                        capsys)
+    assert code == 0, err
+    rows = read_metrics(out)
+    for row in rows:
+        fractions = [row[f"cppo/frac_r{j}"] for j in range(1, 6)]
+        assert sum(fractions) == pytest.approx(1.0)
+        for key in ("cppo/alpha_mean", "cppo/alpha_std", "cppo/beta_mean", "cppo/beta_std", "loss/kr",
+                    "cppo/logprob_mu", "cppo/logprob_sigma", "cppo/reward_mu", "cppo/reward_sigma"):
+            assert math.isfinite(row[key]), key
+    assert rows[0]["cppo/reward_mu"] == pytest.approx(rows[0]["reward/mean"], abs=1e-5)
+    assert rows[-1]["loss/kr"] > 0  # the policy has moved away from π_{t−1}
+
+
+@pytest.mark.parametrize("weighting", ["balance", "learned"])
+def test_cppo_other_weightings_train(tmp_path, tiny_config, capsys, weighting):
+    out = tmp_path / "out"
+    code, err = run_cli([tiny_config, *quick_overrides(out), "algo=cppo", f"cppo.weighting={weighting}",
+                         "cppo.alpha_weights_value_loss=true", "cppo.stats_reward=shaped"], capsys)
+    assert code == 0, err
+    assert all(math.isfinite(r["loss/total"]) for r in read_metrics(out))
+
+
+def test_kr_anchor_rollout_starts_at_zero(tmp_path, tiny_config):
+    """With the rollout policy as anchor, KR is 0 on the first mini-batch (θ = θ_roll there)."""
+    from cppo.config import load_config
+    from cppo.trainer import CPPOTrainer
+
+    overrides = quick_overrides(tmp_path / "o", steps=1, **{"algo": "cppo", "cppo.kr_anchor": "rollout",
+                                                             "ppo.mini_batch_size": 8})
+    trainer = CPPOTrainer(load_config(tiny_config, overrides))
+    stats = trainer.step()
+    assert stats["loss/kr"] < 1e-9
+
+
+def run_weights_script(tmp_path, tiny_config, processes):
+    out = tmp_path / f"weights_{processes}.json"
+    script = str(ROOT / "tests" / "distributed_weights_script.py")
+    overrides = ["algo=cppo", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", f"output_dir={tmp_path / 'o'}"]
+    launcher = [PYTHON, script] if processes == 1 else [
+        PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), script]
+    result = subprocess.run([*launcher, str(out), tiny_config, *overrides], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_classify_exactly_like_one(tmp_path, tiny_config):
+    one, two = run_weights_script(tmp_path, tiny_config, 1), run_weights_script(tmp_path, tiny_config, 2)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["stats"] == two["stats"]  # μ, σ of ℓ and R, the five fractions, α/β moments: exactly
+    assert one["alpha"] == two["alpha"] and one["beta"] == two["beta"]
+    fractions = [one["stats"][f"cppo/frac_r{j}"] for j in range(1, 6)]
+    assert fractions == [1 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 2]  # every type present: the comparison has teeth
