@@ -11,19 +11,19 @@ from __future__ import annotations
 import torch
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_i Σ_t w_i m_it x_it (w ≡ 1 when `weights` is None). x, mask: (B, T); weights: (B,)."""
-    m = mask.to(x.dtype)
-    if weights is not None:
-        m = m * weights.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum()
+def weighted_token_count(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i w_i Σ_t m_it: the denominator of a weighted masked mean. mask: (B, T); weights: (B,)."""
+    tokens = mask.sum(-1).float()
+    return tokens.sum() if weights is None else (tokens * weights.float()).sum()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Σ w m x / Σ w m over the whole batch (SPEC §5); 0 when every weight or mask entry is 0."""
-    denominator = masked_sum(torch.ones_like(x), mask, weights)
-    # num is 0 whenever the denominator is, so clamping only guards the division.
-    return masked_sum(x, mask, weights) / denominator.clamp_min(torch.finfo(x.dtype).tiny)
+    m = mask.to(x.dtype)
+    if weights is not None:
+        m = m * weights.to(x.dtype).unsqueeze(-1)
+    # The numerator is 0 whenever the denominator is, so clamping only guards the division.
+    return (x * m).sum() / m.sum().clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

@@ -370,10 +370,10 @@ class PPOTrainer:
         so accumulation over micro-batches and DDP's averaging over processes give exactly the
         mini-batch's Σ w·m·loss / Σ w·m of SPEC §5, whatever the split.
         """
-        mask = batch.response_mask[rows].float()
+        mask = batch.response_mask[rows]
         names = sorted(batch.loss_weights)
-        weights = {name: None if w is None else w[rows] for name, w in batch.loss_weights.items()}
-        local = torch.stack([core.masked_sum(torch.ones_like(mask), mask, weights[name]) for name in names])
+        local = torch.stack([core.weighted_token_count(mask, None if batch.loss_weights[name] is None
+                                                       else batch.loss_weights[name][rows]) for name in names])
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
         return dict(zip(names, total, strict=True))
 
@@ -390,7 +390,7 @@ class PPOTrainer:
         terms = {"policy": (1.0, pg), "value": (pcfg.vf_coef, vf), **self.extra_losses(mb, logprobs)}
         loss = 0.0
         for name, (coef, term) in terms.items():
-            own = core.masked_sum(torch.ones_like(logprobs), mask, mb.loss_weights.get(name))
+            own = core.weighted_token_count(mask, mb.loss_weights.get(name))
             share = own / totals[name].clamp_min(torch.finfo(own.dtype).tiny) * self.accelerator.num_processes
             loss = loss + coef * term * share
         stats = {f"loss/{name}": term.item() for name, (_, term) in terms.items()}

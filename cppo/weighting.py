@@ -138,44 +138,48 @@ def learned_weights(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float, 
     gets the same gradient, so all rollouts of a type keep equal parameters throughout: optimising one
     (α, β) pair per type is the same computation, and costs O(steps) small-vector updates whatever
     the batch size. Deterministic: no random numbers are drawn.
+    (A lone r5, the degenerate case, has zero gradient and keeps α = β = 1.)
     """
     types = classify_rollouts(logprob_mean, reward, k)
     if types.numel() == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=types.device)
         return empty, empty.clone(), types
-    counts = torch.bincount(types.cpu(), minlength=6)[1:].double()  # n_1..n_5
-    n = float(types.numel())
-    present = counts > 0
-    # d(bracket)/d(group mean j): the sign of ᾱj in its term, and for r5 minus the sum over the kept terms.
-    alpha_coef = torch.zeros(5, dtype=torch.float64)
-    beta_coef = torch.zeros(5, dtype=torch.float64)
-    for j in range(4):
-        if present[j]:
-            alpha_coef[j], beta_coef[j] = _ALPHA_SIGN[j + 1], _BETA_SIGN[j + 1]
-            alpha_coef[4] -= _ALPHA_SIGN[j + 1]
-            beta_coef[4] -= _BETA_SIGN[j + 1]
-    if not present[4]:  # empty r5: its means are the constant 1
-        alpha_coef[4] = beta_coef[4] = 0.0
-    # φ per (type, α|β). The gradient is that of one rollout of the type:
-    # ∂L/∂α_i = 2(α_i − 1)/N + τ·coef_j/n_j, times dα/dφ.
+    counts = torch.bincount(types.cpu(), minlength=6)[1:].tolist()  # n_1..n_5
+    n = types.numel()
+    groups = [j for j in range(5) if counts[j]]
+    kept = [j for j in groups if j < 4]  # bracketed terms whose group is present
+    # d(bracket)/d(group mean): the sign of ᾱj (β̄j) in its term; r5 appears in every kept term with the
+    # opposite sign; an empty r5's means are the constant 1 (no parameter).
+    alpha_coef = [_ALPHA_SIGN[j + 1] for j in range(4)] + [-sum(_ALPHA_SIGN[j + 1] for j in kept)]
+    beta_coef = [_BETA_SIGN[j + 1] for j in range(4)] + [-sum(_BETA_SIGN[j + 1] for j in kept)]
+    # One φ per (present type, α|β). The gradient is that of one rollout of the type:
+    # ∂L/∂α_i = 2(α_i − 1)/N + τ·coef_j/n_j, times dα/dφ. Plain floats: at most 10 scalars, for which
+    # a Python loop is several times faster than tensor ops.
+    pull = [tau * c[j] / counts[j] for j in groups for c in (alpha_coef, beta_coef)]
     start = min(max((1.0 - lb) / (ub - lb), 1e-6), 1 - 1e-6) if ub > lb else 0.5
-    phi = torch.full((5, 2), math.log(start / (1 - start)), dtype=torch.float64)
-    coef = torch.stack([alpha_coef, beta_coef], dim=1)
-    per_member = (1.0 / counts.clamp_min(1)).unsqueeze(1)
-    m, v = torch.zeros_like(phi), torch.zeros_like(phi)
-    weights = lb + (ub - lb) * torch.sigmoid(phi)
+    phi = [math.log(start / (1 - start))] * len(pull)
+    m, v = [0.0] * len(pull), [0.0] * len(pull)
+    span = ub - lb
+    weights = [lb + span * start] * len(pull)
     for step in range(1, steps + 1):
-        sig = torch.sigmoid(phi)
-        grad = (2 / n * (weights - 1) + tau * coef * per_member) * (ub - lb) * sig * (1 - sig)
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad * grad
-        phi = phi - lr * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
-        updated = lb + (ub - lb) * torch.sigmoid(phi)
-        moved = (updated - weights)[present].abs().max().item() if present.any() else 0.0
-        weights = updated
+        correction1, correction2 = 1 - 0.9**step, 1 - 0.999**step
+        moved = 0.0
+        for i, pull_i in enumerate(pull):
+            sig = weights[i] - lb
+            sig = sig / span if span else 0.5
+            grad = (2 / n * (weights[i] - 1) + pull_i) * span * sig * (1 - sig)
+            m[i] = 0.9 * m[i] + 0.1 * grad
+            v[i] = 0.999 * v[i] + 0.001 * grad * grad
+            phi[i] -= lr * (m[i] / correction1) / (math.sqrt(v[i] / correction2) + 1e-8)
+            updated = lb + span / (1 + math.exp(-phi[i]))
+            moved = max(moved, abs(updated - weights[i]))
+            weights[i] = updated
         if moved <= tol:
             break
-    per_rollout = weights.to(types.device)[types - 1]
+    table = torch.ones(5, 2, dtype=torch.float64)
+    for g, j in enumerate(groups):
+        table[j, 0], table[j, 1] = weights[2 * g], weights[2 * g + 1]
+    per_rollout = table.to(types.device)[types - 1]
     return per_rollout[:, 0].float(), per_rollout[:, 1].float(), types
 
 

@@ -174,3 +174,9 @@ def test_adaptive_kl_coefficient():
     # error −1/6: 0.1·(1 − 256/60000)
     assert core.adaptive_kl_coef(0.1, kl=5.0, target=6.0, horizon=10000, n_rollouts=256) == pytest.approx(
         0.1 * (1 - 256 / 60000))
+
+
+def test_weighted_token_count_is_the_masked_mean_denominator():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert core.weighted_token_count(mask).item() == 3
+    assert core.weighted_token_count(mask, torch.tensor([0.5, 2.0])).item() == 0.5 * 2 + 2.0 * 1
