@@ -17,13 +17,20 @@ def weighted_token_count(mask: torch.Tensor, weights: torch.Tensor | None = None
     return tokens.sum() if weights is None else (tokens * weights.float()).sum()
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ w m x / Σ w m over the whole batch (SPEC §5); 0 when every weight or mask entry is 0."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None,
+                denominator: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Σ w m x / Σ w m over the whole batch (SPEC §5); 0 when every weight or mask entry is 0.
+
+    `denominator` replaces Σ w m: a caller that splits a batch into parts passes the whole batch's
+    Σ w m, so that the parts' results add up to the whole batch's mean.
+    """
     m = mask.to(x.dtype)
     if weights is not None:
         m = m * weights.to(x.dtype).unsqueeze(-1)
+    if denominator is None:
+        denominator = m.sum()
     # The numerator is 0 whenever the denominator is, so clamping only guards the division.
-    return (x * m).sum() / m.sum().clamp_min(torch.finfo(x.dtype).tiny)
+    return (x * m).sum() / torch.as_tensor(denominator, dtype=x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -121,11 +128,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                clip: float, weights: torch.Tensor | None = None,
+                denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate, a loss to minimise (SPEC §2, §5 with weights = α).
 
     CLIP_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = exp(log π_θ − log π_roll); the loss is
-    the weighted masked mean Σ α m CLIP / Σ α m. All (B, T); weights (B,). Stats (unweighted):
+    the weighted masked mean Σ α m CLIP / Σ α m (`denominator` as in `masked_mean`). All (B, T);
+    weights (B,). Stats (unweighted):
     `clipfrac`, the share of tokens where the clipped branch is taken; `approx_kl`, the k3 estimate
     of KL(π_roll ‖ π_θ).
     """
@@ -133,7 +142,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, weights)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, weights, denominator)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
@@ -143,7 +152,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               clip: float, weights: torch.Tensor | None = None,
+               denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss VF_t = ½ max((V − G)², (clip(V, V_old ± ε_v) − G)²), weighted masked mean.
 
     All (B, T); weights (B,) (1 by default, α with `alpha_weights_value_loss`). Stat `clipfrac`: the
@@ -152,7 +162,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask, weights)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask, weights, denominator)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped_loss > unclipped_loss).to(values.dtype), mask)}
     return loss, stats

@@ -323,9 +323,10 @@ class PPOTrainer:
         batch.loss_weights = {"policy": None, "value": None}
         return {}
 
-    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
-        """Loss terms added to PG + c_vf·VF: name → (coefficient, weighted masked mean over `batch`),
-        each normalised by `batch.loss_weights[name]`. PPO has none."""
+    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor,
+                     denominators: dict[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
+        """Loss terms added to PG + c_vf·VF: name → (coefficient, Σ w·m·loss over `batch` divided by
+        `denominators[name]`, w = `batch.loss_weights[name]`). PPO has none."""
         return {}
 
     # ------------------------------------------------------------------------------- the update
@@ -336,70 +337,71 @@ class PPOTrainer:
         pcfg, acc = self.config.ppo, self.accelerator
         local_mini = pcfg.mini_batch_size // acc.num_processes
         local_micro = local_mini // pcfg.gradient_accumulation_steps
-        sums: dict[str, float] = {}
-        count = 0
+        sums: dict[str, torch.Tensor] = {}  # summed over micro-batches, kept on device: no sync per step
+        updates = 0
         self.model.train()
         for _ in range(pcfg.ppo_epochs):
             order = torch.randperm(batch.response_ids.shape[0], generator=self.shuffle_generator)
             for mini in order.split(local_mini):
                 micro_batches = mini.split(local_micro)
-                totals = self.loss_denominators(batch, mini)
+                denominators = self.loss_denominators(batch, mini)
                 for i, rows in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                        loss, stats = self.micro_batch_loss(batch.select(rows.to(batch.response_ids.device)), totals)
+                        loss, stats = self.micro_batch_loss(batch.select(rows.to(batch.response_ids.device)),
+                                                            denominators)
                         acc.backward(loss)
+                    stats["loss/total"] = loss.detach()
                     for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    count += 1
+                        # loss terms add up over micro-batches to the mini-batch's value; the rest average
+                        share = 1.0 if key.startswith("loss/") else 1.0 / len(micro_batches)
+                        sums[key] = sums.get(key, 0.0) + value * share
                 if pcfg.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), pcfg.max_grad_norm)
-                    sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + float(grad_norm) * len(
-                        micro_batches)
+                    sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + grad_norm.detach()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        means = torch.tensor([sums[k] / count for k in sorted(sums)], device=self.device)
+                updates += 1
+        names = sorted(sums)
+        means = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in names])
+        means = means / updates
+        # Loss terms carry × processes / global denominators: their mean over processes is the global value.
         means = acc.reduce(means, reduction="mean") if acc.num_processes > 1 else means
-        return dict(zip(sorted(sums), means.tolist(), strict=True))
+        return dict(zip(names, means.tolist(), strict=True))
 
     def loss_denominators(self, batch: Rollout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Σ w·m of each loss term over the whole mini-batch on all processes.
+        """Each loss term's Σ w·m over the whole mini-batch on all processes, ÷ processes.
 
-        Each micro-batch's weighted mean is rescaled by (its own Σ w·m) / (this total) × processes,
-        so accumulation over micro-batches and DDP's averaging over processes give exactly the
-        mini-batch's Σ w·m·loss / Σ w·m of SPEC §5, whatever the split.
+        Every micro-batch divides its Σ w·m·loss by this, so the micro-batches add up, and DDP's mean
+        over processes gives exactly the mini-batch's Σ w·m·loss / Σ w·m of SPEC §5, however the
+        mini-batch is split.
         """
         mask = batch.response_mask[rows]
         names = sorted(batch.loss_weights)
         local = torch.stack([core.weighted_token_count(mask, None if batch.loss_weights[name] is None
                                                        else batch.loss_weights[name][rows]) for name in names])
-        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-        return dict(zip(names, total, strict=True))
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, reduction="sum") / self.accelerator.num_processes
+        return dict(zip(names, local, strict=True))
 
-    def micro_batch_loss(self, mb: Rollout, totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_batch_loss(self, mb: Rollout, denominators: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                         dict[str, torch.Tensor]]:
+        """This micro-batch's part of the mini-batch loss PG + c_vf·VF + extra terms, and its stats."""
         pcfg = self.config.ppo
         with self.accelerator.autocast():
             logits, values = self.model(mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
         logprobs = core.logprobs_from_logits(logits, mb.response_ids, self.config.generation.temperature)
         mask = mb.response_mask
         pg, pg_stats = core.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, pcfg.clip,
-                                        mb.loss_weights.get("policy"))
+                                        mb.loss_weights["policy"], denominators["policy"])
         vf, vf_stats = core.value_loss(values, mb.old_values, mb.returns, mask, pcfg.value_clip,
-                                       mb.loss_weights.get("value"))
-        terms = {"policy": (1.0, pg), "value": (pcfg.vf_coef, vf), **self.extra_losses(mb, logprobs)}
-        loss = 0.0
-        for name, (coef, term) in terms.items():
-            own = core.weighted_token_count(mask, mb.loss_weights.get(name))
-            share = own / totals[name].clamp_min(torch.finfo(own.dtype).tiny) * self.accelerator.num_processes
-            loss = loss + coef * term * share
-        stats = {f"loss/{name}": term.item() for name, (_, term) in terms.items()}
-        stats.update({
-            "loss/total": loss.item(),
-            "policy/clipfrac": float(pg_stats["clipfrac"]),
-            "policy/approx_kl": float(pg_stats["approx_kl"]),
-            "value/clipfrac": float(vf_stats["clipfrac"]),
-        })
+                                       mb.loss_weights["value"], denominators["value"])
+        terms = {"policy": (1.0, pg), "value": (pcfg.vf_coef, vf), **self.extra_losses(mb, logprobs, denominators)}
+        loss = sum(coef * term for coef, term in terms.values())
+        stats = {f"loss/{name}": term.detach() for name, (_, term) in terms.items()}
+        stats.update({"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
+                      "value/clipfrac": vf_stats["clipfrac"]})
         return loss, stats
 
     # --------------------------------------------------------------------------------- reporting
@@ -475,14 +477,17 @@ class CPPOTrainer(PPOTrainer):
         batch.loss_weights = {"policy": local_alpha, "value": local_alpha if ccfg.alpha_weights_value_loss else None,
                               "kr": local_beta}
         batch.anchor_logprobs = batch.old_logprobs if ccfg.kr_anchor == "rollout" else batch.ref_logprobs
+        self.kr_active = bool(beta.any())  # the same on every process: β is the global batch's
         return self.weight_stats(every_logprob, every_reward, alpha, beta, types)
 
-    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
-        beta = batch.loss_weights["kr"]
-        if not bool(beta.any()):  # β ≡ 0 here: KR is 0 (SPEC §5), skip its arithmetic
-            return {"kr": (self.config.cppo.kr_coef, torch.zeros((), device=logprobs.device))}
+    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor,
+                     denominators: dict[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
+        kr_coef = self.config.cppo.kr_coef
+        if not self.kr_active:  # β ≡ 0 over the batch: KR is 0 (SPEC §5), skip its arithmetic
+            return {"kr": (kr_coef, torch.zeros((), device=logprobs.device))}
         squared = (logprobs - batch.anchor_logprobs) ** 2
-        return {"kr": (self.config.cppo.kr_coef, core.masked_mean(squared, batch.response_mask, beta))}
+        return {"kr": (kr_coef, core.masked_mean(squared, batch.response_mask, batch.loss_weights["kr"],
+                                                 denominators["kr"]))}
 
     def weight_stats(self, logprob_mean: torch.Tensor, reward: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                      types: torch.Tensor) -> dict[str, float]:
