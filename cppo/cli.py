@@ -15,13 +15,13 @@ def _is_main_process() -> bool:
 
 def train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
-    from .trainer import trainer_class
+    from .continual import run
 
-    trainer = trainer_class(config)(config)
-    stats = trainer.train()
+    summary = run(config)
     if _is_main_process():
-        print(f"done: {config.ppo.steps} steps, final reward/mean={stats.get('reward/mean', float('nan')):.4f}; "
-              f"policy saved to {os.path.join(config.output_dir, 'policy')}", file=sys.stderr)
+        reward = summary["final_stats"].get("reward/mean", float("nan"))
+        print(f"done: {len(config.tasks)} task(s), last step reward/mean={reward:.4f}; final policy in "
+              f"{os.path.join(config.output_dir, 'policy')}", file=sys.stderr)
     return 0
 
 

@@ -70,18 +70,18 @@ class RewardConfig:
     batch_size: int = 32
     """Sequences per forward pass of the reward model."""
 
-    def validate(self) -> None:
+    def validate(self, name: str = "reward") -> None:
         if (self.model is None) == (self.function is None):
             raise UserError(
-                "reward: set exactly one of reward.model (a reward-model dir or hub name) or reward.function "
+                f"{name}: set exactly one of {name}.model (a reward-model dir or hub name) or {name}.function "
                 f"(module:function), got model={self.model!r}, function={self.function!r}"
             )
         if self.function is not None:
-            _check(":" in self.function, "reward.function", self.function, "of the form module:function")
-        _check(self.clip is None or self.clip > 0, "reward.clip", self.clip, "> 0 or null")
+            _check(":" in self.function, f"{name}.function", self.function, "of the form module:function")
+        _check(self.clip is None or self.clip > 0, f"{name}.clip", self.clip, "> 0 or null")
         _check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
-               "reward.missing_eos_penalty", self.missing_eos_penalty, ">= 0 or null")
-        _check(self.batch_size > 0, "reward.batch_size", self.batch_size, "> 0")
+               f"{name}.missing_eos_penalty", self.missing_eos_penalty, ">= 0 or null")
+        _check(self.batch_size > 0, f"{name}.batch_size", self.batch_size, "> 0")
 
 
 @dataclass
@@ -89,17 +89,117 @@ class DataConfig:
     path: str = "builtin:toy-prompts"
     """Prompts: a local .jsonl/.json/.csv/.parquet file, a hub dataset name, or `builtin:toy-prompts`."""
     split: str = "train"
-    """Dataset split to read."""
+    """Dataset split to read (hub datasets; a local file is one split)."""
     prompt_field: str = "prompt"
-    """Column holding the prompt text."""
+    """Column holding the prompt: a string, or a list of chat messages ({role, content})."""
+    reference_field: str | None = None
+    """Column holding a reference response (evaluation sets: ROUGE-L against it)."""
+    filter_field: str | None = None
+    """Keep only rows whose `filter_field` equals `filter_value` (compared as text)."""
+    filter_value: str | None = None
+    """Value that `filter_field` must have."""
+    max_samples: int | None = None
+    """Use at most this many rows (the first ones, after filtering)."""
     max_prompt_length: int = 64
     """Longest prompt in tokens; longer ones are handled by `long_prompts`."""
     long_prompts: Literal["truncate", "drop"] = "truncate"
     """Keep the last `max_prompt_length` tokens of a long prompt, or drop it (counted in the log)."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """Apply the tokenizer's chat template: to conversational prompts (auto), to every prompt as a user
+    turn (always), or never (conversational prompts are then an error)."""
+
+    def validate(self, name: str = "data") -> None:
+        _check(self.max_prompt_length > 0, f"{name}.max_prompt_length", self.max_prompt_length, "> 0")
+        _check(bool(self.prompt_field), f"{name}.prompt_field", self.prompt_field, "a column name")
+        _check(bool(self.path), f"{name}.path", self.path, "a file, a hub dataset or builtin:toy-prompts")
+        _check((self.filter_field is None) == (self.filter_value is None), f"{name}.filter_value",
+               self.filter_value, "set together with filter_field")
+        _check(self.max_samples is None or self.max_samples > 0, f"{name}.max_samples", self.max_samples,
+               "> 0 or null")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "toy"
+    """Unique task name (used in output paths and the evaluation matrix)."""
+    prompts: DataConfig = field(default_factory=DataConfig)
+    """Training prompts of the task."""
+    eval_prompts: DataConfig | None = None
+    """Evaluation prompts (optionally with `reference_field`); null leaves the task out of the matrix."""
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(function="cppo.toy:vowel_fraction"))
+    """The task's reward: a reward model trained on its preferences, or a callable."""
+    steps: int | None = None
+    """Budget in PPO steps; null uses `ppo.steps` (unless `episodes` is set)."""
+    episodes: int | None = None
+    """Budget in rollouts instead of steps: ceil(episodes / ppo.rollout_batch_size) steps."""
+
+    def validate(self, index: int) -> None:
+        name = f"tasks[{index}]"
+        _check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), f"{name}.name",
+               self.name, "a non-empty name of letters, digits, '-', '_' or '.'")
+        self.prompts.validate(f"{name}.prompts")
+        if self.eval_prompts is not None:
+            self.eval_prompts.validate(f"{name}.eval_prompts")
+        self.reward.validate(f"{name}.reward")
+        _check(self.steps is None or self.steps > 0, f"{name}.steps", self.steps, "> 0 or null")
+        _check(self.episodes is None or self.episodes > 0, f"{name}.episodes", self.episodes, "> 0 or null")
+        _check(self.steps is None or self.episodes is None, f"{name}.episodes", self.episodes,
+               "null when steps is set (one budget per task)")
+
+    def budget(self, ppo: PPOConfig) -> int:
+        """PPO steps this task trains for."""
+        if self.episodes is not None:
+            return -(-self.episodes // ppo.rollout_batch_size)
+        return self.steps if self.steps is not None else ppo.steps
+
+
+@dataclass
+class EvalConfig:
+    greedy: bool = True
+    """Greedy decoding for evaluation; false samples at `temperature` with the fixed `seed`."""
+    temperature: float = 1.0
+    """Sampling temperature when not greedy."""
+    max_new_tokens: int | None = None
+    """Longest evaluated response; null uses `generation.max_new_tokens`."""
+    batch_size: int = 64
+    """Prompts per `generate` call on each process."""
+    max_prompts: int | None = None
+    """Evaluate at most this many prompts per task (the first ones)."""
+    seed: int = 1234
+    """Seed of sampled evaluation (the same prompts get the same samples for every row of the matrix)."""
 
     def validate(self) -> None:
-        _check(self.max_prompt_length > 0, "data.max_prompt_length", self.max_prompt_length, "> 0")
-        _check(bool(self.prompt_field), "data.prompt_field", self.prompt_field, "a column name")
+        _check(self.temperature > 0, "eval.temperature", self.temperature, "> 0")
+        _check(self.max_new_tokens is None or self.max_new_tokens > 0, "eval.max_new_tokens", self.max_new_tokens,
+               "> 0 or null")
+        _check(self.batch_size > 0, "eval.batch_size", self.batch_size, "> 0")
+        _check(self.max_prompts is None or self.max_prompts > 0, "eval.max_prompts", self.max_prompts,
+               "> 0 or null")
+
+
+@dataclass
+class ContinualConfig:
+    schedule: Literal["sequential", "joint"] = "sequential"
+    """Tasks in order (continual), or one multi-task run on their union (the upper reference)."""
+    regularizer: Literal["none", "l2", "ewc", "mas", "lwf"] = "none"
+    """Continual-learning baseline added to the loss: none, L2 to θ_{t−1}, online EWC, MAS, or LwF."""
+    reg_coef: float = 1.0
+    """Coefficient of the regulariser's penalty."""
+    importance_decay: float = 0.9
+    """Online EWC / MAS: the accumulated importance is multiplied by this at each task end before the
+    new task's (normalised to mean 1) is added."""
+    importance_samples: int = 32
+    """EWC / MAS: responses sampled from the task-end policy to estimate parameter importance."""
+    lwf_temperature: float = 2.0
+    """LwF: temperature T of the distillation KL to π_{t−1} (scaled by T²)."""
+
+    def validate(self) -> None:
+        _check(self.reg_coef >= 0, "continual.reg_coef", self.reg_coef, ">= 0")
+        _check(0 <= self.importance_decay <= 1, "continual.importance_decay", self.importance_decay, "in [0, 1]")
+        _check(self.importance_samples > 0, "continual.importance_samples", self.importance_samples, "> 0")
+        _check(self.lwf_temperature > 0, "continual.lwf_temperature", self.lwf_temperature, "> 0")
+        _check(self.schedule == "sequential" or self.regularizer == "none", "continual.regularizer",
+               self.regularizer, "none with schedule: joint (nothing to retain in one multi-task run)")
 
 
 @dataclass
@@ -129,7 +229,7 @@ class GenerationConfig:
 @dataclass
 class PPOConfig:
     steps: int = 40
-    """PPO steps (rollout batch, then `ppo_epochs` of updates) to train."""
+    """PPO steps (rollout batch, then `ppo_epochs` of updates) per task, unless the task sets its budget."""
     rollout_batch_size: int = 32
     """Prompts per step, over all processes."""
     mini_batch_size: int = 8
@@ -269,8 +369,11 @@ class Config:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision under accelerate."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
+    eval_reward: RewardConfig | None = None
+    """Evaluation reward model for every task (the paper's reference PM); null: each task's own reward."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     cppo: CPPOConfig = field(default_factory=CPPOConfig)
@@ -282,14 +385,25 @@ class Config:
         _check(self.logging_steps > 0, "logging_steps", self.logging_steps, "> 0")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         self.model.validate()
-        self.reward.validate()
-        self.data.validate()
+        _check(len(self.tasks) > 0, "tasks", self.tasks, "a non-empty list")
+        seen = set()
+        for index, task in enumerate(self.tasks):
+            task.validate(index)
+            _check(task.name not in seen, f"tasks[{index}].name", task.name, "unique (another task has it)")
+            seen.add(task.name)
+        if self.eval_reward is not None:
+            self.eval_reward.validate("eval_reward")
+        self.eval.validate()
+        self.continual.validate()
+        _check(self.model.lora_r == 0 or self.continual.regularizer in ("none", "lwf"), "continual.regularizer",
+               self.continual.regularizer, "none or lwf with LoRA (l2, ewc and mas act on full weights)")
         self.generation.validate()
         self.ppo.validate(num_processes)
         self.cppo.validate()
         if self.model.value_init == "reward_model" and self.model.value_model is None:
-            _check(self.reward.model is not None, "model.value_init", self.model.value_init,
-                   "'policy' when no reward.model is set")
+            first = self.tasks[0].reward
+            _check(first.model is not None, "model.value_init", self.model.value_init,
+                   "'policy' when the first task's reward is not a reward model")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -327,14 +441,28 @@ def load_config(path: str | Path | None, overrides: list[str] = (), num_processe
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings; a numeric part indexes a list (`tasks.0.steps=5`)."""
     *parents, leaf = dotted.split(".")
-    node = tree
+    node: Any = tree
     for i, part in enumerate(parents):
+        where = ".".join(parents[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override {dotted}: {where} is not an existing list item")
+            node = node[int(part)]
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise UserError(f"override {dotted}: {'.'.join(parents[: i + 1])} is not a section")
+        if not isinstance(child, dict | list):
+            raise UserError(f"override {dotted}: {where} is not a section")
         node = child
-    node[leaf] = value
+    if isinstance(node, list):
+        if not leaf.isdigit() or int(leaf) >= len(node):
+            raise UserError(f"override {dotted}: no list item {leaf}")
+        node[int(leaf)] = value
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise UserError(f"override {dotted}: {'.'.join(parents)} is not a section")
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:

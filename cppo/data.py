@@ -3,73 +3,132 @@ resumable stream of prompt batches shared out across processes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import DataConfig, UserError
 
-BUILTIN_TOY_PROMPTS = "builtin:toy-prompts"
+# Builtin prompt sets: name → (number of prompts, seed)
+BUILTIN_PROMPTS = {"builtin:toy-prompts": (512, 0), "builtin:toy-prompts-eval": (64, 1)}
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def check_data_source(cfg: DataConfig) -> None:
+def check_data_source(cfg: DataConfig, name: str = "data") -> None:
     """Fail fast (before any model loads) on a local prompt file that is missing or of unknown type."""
-    if cfg.path == BUILTIN_TOY_PROMPTS:
+    if cfg.path.startswith("builtin:"):
+        if cfg.path not in BUILTIN_PROMPTS:
+            raise UserError(f"{name}.path must name a builtin prompt set ({', '.join(BUILTIN_PROMPTS)}), "
+                            f"got {cfg.path!r}")
         return
     path = Path(cfg.path).expanduser()
     if path.suffix in _LOCAL_FORMATS or path.exists():
         if not path.is_file():
-            raise UserError(f"data.path: file not found: {cfg.path}")
+            raise UserError(f"{name}.path: file not found: {cfg.path}")
         if path.suffix not in _LOCAL_FORMATS:
-            raise UserError(f"data.path must be a {'/'.join(_LOCAL_FORMATS)} file, got {cfg.path!r}")
+            raise UserError(f"{name}.path must be a {'/'.join(_LOCAL_FORMATS)} file, got {cfg.path!r}")
 
 
-def load_prompts(cfg: DataConfig) -> list[str]:
-    """The prompt column of the configured dataset, as a list of strings."""
-    if cfg.path == BUILTIN_TOY_PROMPTS:
+def load_rows(cfg: DataConfig, name: str = "data") -> list[dict]:
+    """The configured rows (filtered, capped) with their prompt and, if configured, reference."""
+    check_data_source(cfg, name)
+    if cfg.path in BUILTIN_PROMPTS:
         from .toy import toy_prompts
 
-        return toy_prompts()
-    check_data_source(cfg)
-    import datasets
+        rows = [{cfg.prompt_field: p} for p in toy_prompts(*BUILTIN_PROMPTS[cfg.path])]
+    else:
+        import datasets
 
-    path = Path(cfg.path).expanduser()
-    try:
-        if path.is_file():
-            dataset = datasets.load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        else:
-            dataset = datasets.load_dataset(cfg.path, split=cfg.split)
-    except Exception as e:  # datasets raises many types for unreadable or unreachable data
-        raise UserError(f"data.path: cannot load {cfg.path!r}: {str(e).splitlines()[0]}") from None
-    if cfg.prompt_field not in dataset.column_names:
-        raise UserError(f"data.prompt_field: column {cfg.prompt_field!r} not in {cfg.path} "
-                        f"(columns: {', '.join(dataset.column_names)})")
-    prompts = [p for p in dataset[cfg.prompt_field] if isinstance(p, str) and p.strip()]
-    if not prompts:
-        raise UserError(f"data.path: {cfg.path} has no non-empty prompts in column {cfg.prompt_field!r}")
-    return prompts
+        path = Path(cfg.path).expanduser()
+        try:
+            if path.is_file():
+                dataset = datasets.load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+            else:
+                dataset = datasets.load_dataset(cfg.path, split=cfg.split)
+        except Exception as e:  # datasets raises many types for unreadable or unreachable data
+            raise UserError(f"{name}.path: cannot load {cfg.path!r}: {str(e).splitlines()[0]}") from None
+        for field_name in (cfg.prompt_field, cfg.reference_field, cfg.filter_field):
+            if field_name is not None and field_name not in dataset.column_names:
+                what = {cfg.prompt_field: "prompt_field", cfg.reference_field: "reference_field"}.get(
+                    field_name, "filter_field")
+                raise UserError(f"{name}.{what}: column {field_name!r} not in {cfg.path} "
+                                f"(columns: {', '.join(dataset.column_names)})")
+        if cfg.filter_field is not None:
+            dataset = dataset.filter(lambda row: str(row[cfg.filter_field]) == cfg.filter_value)
+        rows = list(dataset)
+    if cfg.max_samples is not None:
+        rows = rows[:cfg.max_samples]
+    rows = [r for r in rows if _non_empty(r[cfg.prompt_field])]
+    if not rows:
+        raise UserError(f"{name}.path: {cfg.path} has no non-empty prompts in column {cfg.prompt_field!r}"
+                        + (f" with {cfg.filter_field} = {cfg.filter_value!r}" if cfg.filter_field else ""))
+    return rows
 
 
-def tokenize_prompts(prompts: list[str], tokenizer, max_length: int,
-                     long_prompts: str) -> tuple[list[list[int]], list[str], dict[str, int]]:
-    """Token ids of each prompt (no padding); long prompts keep their last `max_length` tokens or are
-    dropped. Returns (ids, the kept prompts' texts, counts of truncated/dropped prompts)."""
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    kept_ids, kept_texts, counts = [], [], {"truncated": 0, "dropped": 0}
-    for text, ids in zip(prompts, encoded, strict=True):
-        if len(ids) > max_length:
-            if long_prompts == "drop":
-                counts["dropped"] += 1
+def _non_empty(prompt) -> bool:
+    if isinstance(prompt, str):
+        return bool(prompt.strip())
+    return isinstance(prompt, list) and len(prompt) > 0
+
+
+def format_prompt(prompt, tokenizer, mode: str, name: str) -> str:
+    """Prompt text as the model sees it: chat-templated when conversational (or `always`)."""
+    conversational = isinstance(prompt, list)
+    if mode == "never" or (mode == "auto" and not conversational):
+        if conversational:
+            raise UserError(f"{name}.chat_template is 'never' but the prompts are chat messages")
+        return prompt
+    if tokenizer.chat_template is None:
+        raise UserError(f"{name}: the prompts need a chat template and the tokenizer has none "
+                        f"(set {name}.chat_template: never for plain-text prompts)")
+    messages = prompt if conversational else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class PromptSet:
+    """Tokenised prompts of one or more tasks: `task[i]` is the index (in the run's task list) of prompt i."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    task: list[int]
+    references: list[str | None]
+    counts: dict[str, int] = field(default_factory=dict)  # truncated / dropped long prompts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @staticmethod
+    def concat(sets: list[PromptSet]) -> PromptSet:
+        counts = {k: sum(s.counts.get(k, 0) for s in sets) for k in ("truncated", "dropped")}
+        return PromptSet([i for s in sets for i in s.ids], [t for s in sets for t in s.texts],
+                         [k for s in sets for k in s.task], [r for s in sets for r in s.references], counts)
+
+
+def build_prompt_set(cfg: DataConfig, tokenizer, task_index: int, name: str) -> PromptSet:
+    """Load, format and tokenise; long prompts keep their last `max_prompt_length` tokens or are dropped."""
+    rows = load_rows(cfg, name)
+    texts = [format_prompt(r[cfg.prompt_field], tokenizer, cfg.chat_template, name) for r in rows]
+    # A chat template already holds the special tokens it needs.
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    kept = PromptSet([], [], [], [], {"truncated": 0, "dropped": 0})
+    for row, text, ids in zip(rows, texts, encoded, strict=True):
+        if len(ids) > cfg.max_prompt_length:
+            if cfg.long_prompts == "drop":
+                kept.counts["dropped"] += 1
                 continue
-            counts["truncated"] += 1
-            ids = ids[-max_length:]
+            kept.counts["truncated"] += 1
+            ids = ids[-cfg.max_prompt_length:]
             text = tokenizer.decode(ids)
-        kept_ids.append(ids)
-        kept_texts.append(text)
-    if not kept_ids:
-        raise UserError(f"data: every prompt is longer than data.max_prompt_length={max_length} and was dropped")
-    return kept_ids, kept_texts, counts
+        kept.ids.append(ids)
+        kept.texts.append(text)
+        kept.task.append(task_index)
+        kept.references.append(row.get(cfg.reference_field) if cfg.reference_field else None)
+    if not kept.ids:
+        raise UserError(f"{name}: every prompt is longer than max_prompt_length={cfg.max_prompt_length} "
+                        "and was dropped")
+    return kept
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

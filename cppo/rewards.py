@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .config import UserError
+from .config import RewardConfig, UserError
 from .models import token_scalars
 
 
@@ -102,3 +103,74 @@ class ModelReward:
             raise UserError("reward model returned a non-finite score")
         return result
 
+
+
+class RunningMoments:
+    """Running mean and standard deviation of every score seen so far (reward.normalize: running)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        # Chan et al.'s parallel update: merge the batch's moments into the running ones.
+        x = x.double()
+        n, mean = x.numel(), x.mean().item()
+        m2 = ((x - mean) ** 2).sum().item()
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+def process_scores(raw: torch.Tensor, stopped: torch.Tensor, cfg: RewardConfig, moments: RunningMoments,
+                   has_stop_token: bool) -> torch.Tensor:
+    """Raw scores of one task's rollouts (the global batch's) → normalised (batch or running moments)
+    → minus the missing-EOS penalty → clipped. (B,) -> (B,) float32."""
+    scores = raw.float()
+    if cfg.normalize == "batch" and scores.numel() > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    elif cfg.normalize == "running":
+        moments.update(scores)
+        scores = (scores - moments.mean) / (moments.std + 1e-8)
+    if cfg.missing_eos_penalty is not None and has_stop_token:
+        scores = scores - cfg.missing_eos_penalty * (~stopped).float()
+    if cfg.clip is not None:
+        scores = scores.clamp(-cfg.clip, cfg.clip)
+    return scores
+
+
+class RewardBank:
+    """Reward sources built once per run and shared by every task and the evaluation (a reward model
+    that several tasks or the evaluation use is loaded once)."""
+
+    def __init__(self, policy_tokenizer, model_cfg, device):
+        self.policy_tokenizer, self.model_cfg, self.device = policy_tokenizer, model_cfg, device
+        self._sources: dict[tuple, object] = {}
+
+    def get(self, cfg: RewardConfig):
+        key = ("model", cfg.model, cfg.batch_size) if cfg.model is not None else ("function", cfg.function)
+        if key not in self._sources:
+            self._sources[key] = self._build(cfg)
+        return self._sources[key]
+
+    def _build(self, cfg: RewardConfig):
+        if cfg.function is not None:
+            return CallableReward(cfg.function)
+        from .models import load_frozen, load_tokenizer, resolve_model_source
+
+        source = resolve_model_source(cfg.model, "reward.model")
+        tokenizer = load_tokenizer(source, self.model_cfg.trust_remote_code)
+        model = load_frozen("AutoModelForSequenceClassification", source, self.model_cfg, tokenizer.pad_token_id,
+                            num_labels=1).to(self.device)
+        return ModelReward(model, tokenizer, self.policy_tokenizer, cfg.batch_size)

@@ -27,11 +27,12 @@ class Rollout:
     old_values: torch.Tensor  # (B, R) critic's values at rollout time
     entropy: torch.Tensor  # (B, R) entropy of π_roll at each response position
     raw_scores: torch.Tensor  # (B,) reward before clipping, normalisation and KL shaping
+    task: torch.Tensor | None = None  # (B,) index of each prompt's task (each is scored by its own reward)
+    anchor_logprobs: torch.Tensor | None = None  # (B, R) log π_{t−1}, when π_{t−1} is not the reference
     # Filled in by the trainer after the rollout:
     scores: torch.Tensor | None = None  # (B,) reward after clipping / normalisation / EOS penalty
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
-    anchor_logprobs: torch.Tensor | None = None  # (B, R) log π_anchor, when an extra loss term needs it
     loss_weights: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per loss term, (B,) or None
 
     @property
@@ -60,6 +61,18 @@ class Rollout:
             return value
 
         return replace(self, **{f.name: take(f.name, getattr(self, f.name)) for f in fields(self)})
+
+
+def make_generation_config(stop_token_id: int | None, pad_token_id: int, **sampling):
+    """A transformers GenerationConfig that stops exactly at `stop_token_id`, and only there.
+
+    transformers fills every field left None from the model's own generation config, so "no stop
+    token" must be spelled as an empty list: None would bring back the model's EOS as a stop.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=[] if stop_token_id is None else stop_token_id, pad_token_id=pad_token_id,
+                            bos_token_id=None, **sampling)
 
 
 @torch.no_grad()

@@ -21,3 +21,9 @@ def vowel_fraction(prompts: list[str], completions: list[str]) -> list[float]:
     A random tiny model scores about 0.1; PPO can push it toward 1 within a few dozen steps.
     """
     return [sum(ch in "aeiou" for ch in text) / max(len(text), 1) for text in completions]
+
+
+def digit_fraction(prompts: list[str], completions: list[str]) -> list[float]:
+    """Share of a completion's characters that are digits: a second toy preference that conflicts with
+    `vowel_fraction` (no character serves both), so learning it in sequence forgets the first."""
+    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]

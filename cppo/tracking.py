@@ -43,7 +43,13 @@ class Tracker:
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.config.report_to:
-            self.accelerator.log(metrics, step=step)
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+
+    def log_evaluation(self, results: dict[str, dict], step: int) -> None:
+        """One row of the evaluation matrix, to the trackers (metrics.jsonl holds training steps only)."""
+        if self.enabled and self.config.report_to:
+            self.accelerator.log({f"eval/{task}/{kind}": value for task, scores in results.items()
+                                  for kind, value in scores.items() if value is not None}, step=step)
 
     def finish(self) -> None:
         """Close the trackers (main process) and the process group (every process)."""
@@ -51,9 +57,9 @@ class Tracker:
         self.accelerator.end_training()
 
     @contextlib.contextmanager
-    def progress(self, total: int, initial: int):
+    def progress(self, total: int, initial: int, name: str):
         """A tqdm bar on a terminal; a plain line every `logging_steps` steps otherwise."""
-        display = _Progress(total, initial, self.config.logging_steps, self.enabled)
+        display = _Progress(total, initial, self.config.logging_steps, self.enabled, name)
         try:
             yield display
         finally:
@@ -61,15 +67,15 @@ class Tracker:
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int, every: int, enabled: bool):
-        self.total, self.initial, self.every = total, initial, every
+    def __init__(self, total: int, initial: int, every: int, enabled: bool, name: str):
+        self.total, self.initial, self.every, self.name = total, initial, every, name
         self.started = time.perf_counter()
         self.bar = None
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="ppo", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True)
 
     def update(self, step: int, stats: dict[str, float]) -> None:
         if not self.enabled:
@@ -82,7 +88,7 @@ class _Progress:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(step - self.initial, 1) * (self.total - step)
             fields = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-            print(f"step {step}/{self.total} {fields} {stats.get('time/step_s', 0):.2f}s/step "
+            print(f"[{self.name}] step {step}/{self.total} {fields} {stats.get('time/step_s', 0):.2f}s/step "
                   f"eta {timedelta(seconds=round(eta))}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

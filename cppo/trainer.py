@@ -8,150 +8,72 @@ Statistics over the batch are taken on the batch gathered from every process, in
 from __future__ import annotations
 
 import contextlib
-import math
+import copy
 import time
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from . import core
-from .config import Config, UserError
-from .data import PromptStream, check_data_source, left_pad, load_prompts, tokenize_prompts
-from .models import (
-    ActorCritic,
-    load_frozen,
-    load_policy,
-    load_tokenizer,
-    load_value_model,
-    resolve_model_source,
-)
-from .rewards import CallableReward, ModelReward, import_reward_function
-from .rollout import Rollout, generate, response_logprobs, response_values
-from .tracking import Tracker
+from .config import Config
+from .data import PromptStream, left_pad
+from .models import ActorCritic, load_frozen, load_policy, load_value_model
+from .rewards import RunningMoments, process_scores
+from .rollout import Rollout, generate, make_generation_config, response_logprobs, response_values
+from .session import Session, Stage
 from .weighting import apply_ablation, batch_stats, heuristic_weights, learned_weights
 
 
-class RunningMoments:
-    """Running mean and standard deviation of every score seen so far (reward.normalize: running)."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, x: torch.Tensor) -> None:
-        # Chan et al.'s parallel update: merge the batch's moments into the running ones.
-        n, mean, m2 = x.numel(), x.double().mean().item(), ((x.double() - x.double().mean()) ** 2).sum().item()
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta**2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
-
-
-def check_sources(config: Config) -> None:
-    """Every path and import the run needs, checked before any model loads."""
-    resolve_model_source(config.model.policy, "model.policy")
-    for name in ("tokenizer", "value_model"):
-        if getattr(config.model, name) is not None:
-            resolve_model_source(getattr(config.model, name), f"model.{name}")
-    if config.reward.model is not None:
-        resolve_model_source(config.reward.model, "reward.model")
-    else:
-        import_reward_function(config.reward.function)
-    check_data_source(config.data)
-
-
 class PPOTrainer:
-    """PPO with a separate critic, a frozen reference policy and a reward model or function.
+    """PPO with a separate critic, a frozen reference policy and reward models or functions.
 
-    Subclasses change the algorithm through two hooks, never the loop: `prepare_losses` (per-rollout
-    weights of each loss term, and anything else the terms need) and `extra_losses` (added terms).
+    It trains one `Stage` (a task, or the union of tasks) of a `Session`. Subclasses change the
+    algorithm through two hooks, never the loop: `prepare_losses` (per-rollout weights of each loss
+    term, and anything else the terms need) and `extra_losses` (added terms). A continual-learning
+    `regularizer` (cppo.regularizers) adds its penalty as one more term.
     """
 
-    def __init__(self, config: Config, accelerator: Accelerator | None = None):
-        self.config = config
-        check_sources(config)
-        # cpu=True without an accelerator makes a multi-process launch use gloo on the CPU.
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
-            log_with=config.report_to or None, project_dir=config.output_dir)
-        config.validate(self.accelerator.num_processes)
+    def __init__(self, session: Session, stage: Stage, regularizer=None):
+        self.session, self.stage, self.regularizer = session, stage, regularizer
+        self.config = config = session.config
+        self.accelerator = session.accelerator
+        self.tokenizer = session.tokenizer
+        self.tracker = session.tracker
+        self.stop_token_id = session.stop_token_id
         # A different seed per process, so processes sample different responses.
         set_seed(config.seed, device_specific=True)
-        self.device = self.accelerator.device
+        self.device = session.device
         mcfg = config.model
-
-        policy_source = resolve_model_source(mcfg.policy, "model.policy")
-        self.tokenizer = load_tokenizer(
-            resolve_model_source(mcfg.tokenizer, "model.tokenizer") if mcfg.tokenizer else policy_source,
-            mcfg.trust_remote_code)
-        self.stop_token_id = self._stop_token_id()
-        prompts = load_prompts(config.data)
-        self.prompt_ids, self.prompt_texts, self.prompt_counts = tokenize_prompts(
-            prompts, self.tokenizer, config.data.max_prompt_length, config.data.long_prompts)
-        self.prompt_stream = PromptStream(len(self.prompt_ids), config.seed)
-        self.reward = self._build_reward()
+        self.prompt_stream = PromptStream(len(stage.prompts), config.seed)
+        self.rewards = [session.rewards.get(cfg) for cfg in stage.reward_configs]
+        self.score_moments = [RunningMoments() for _ in stage.reward_configs]
 
         pad = self.tokenizer.pad_token_id
-        policy = load_policy(policy_source, mcfg, pad)
-        # With LoRA the reference is the same weights with the adapters switched off: no second copy.
-        self.ref_policy = None if mcfg.lora_r > 0 else load_frozen(
-            "AutoModelForCausalLM", policy_source, mcfg, pad).to(self.device)
-        value_source = mcfg.value_model or (config.reward.model if mcfg.value_init == "reward_model" else mcfg.policy)
-        value_model = load_value_model(resolve_model_source(value_source, "model.value_model"), mcfg, pad)
+        policy = load_policy(stage.policy, mcfg, pad)
+        # With LoRA and π_{t−1} as reference, the reference is the policy with its adapters switched
+        # off: no second copy.
+        shares_weights = mcfg.lora_r > 0 and stage.reference == stage.policy
+        self.ref_policy = None if shares_weights else load_frozen(
+            "AutoModelForCausalLM", stage.reference, mcfg, pad).to(self.device)
+        self.anchor_policy = None if stage.anchor is None else load_frozen(
+            "AutoModelForCausalLM", stage.anchor, mcfg, pad).to(self.device)
+        value_model = load_value_model(stage.value_model, mcfg, pad)
         model = ActorCritic(policy, value_model)
         self.optimizer = self._build_optimizer(model)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.scheduler = self._build_scheduler()
 
-        from transformers import GenerationConfig
-
         gcfg = config.generation
-        self.generation_config = GenerationConfig(
-            do_sample=True, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature, top_k=gcfg.top_k,
-            top_p=gcfg.top_p, eos_token_id=self.stop_token_id, pad_token_id=pad, bos_token_id=None)
+        self.generation_config = make_generation_config(
+            self.stop_token_id, pad, do_sample=True, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
+            top_k=gcfg.top_k, top_p=gcfg.top_p)
         self.kl_coef = config.ppo.kl_coef
-        self.score_moments = RunningMoments()
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
-        self.global_step = 0
-        self.tracker = Tracker(self.accelerator, config)
+        self.step_in_stage = 0
+        if regularizer is not None:
+            regularizer.task_start(self)
 
     # ------------------------------------------------------------------------------------------ setup
-
-    def _stop_token_id(self) -> int | None:
-        stop = self.config.generation.stop_token
-        if stop is None:
-            return None
-        if stop == "eos":
-            if self.tokenizer.eos_token_id is None:
-                raise UserError("generation.stop_token is 'eos' but the tokenizer has no eos token")
-            return self.tokenizer.eos_token_id
-        token_id = self.tokenizer.convert_tokens_to_ids(stop)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise UserError(f"generation.stop_token must be 'eos', null or a single token, got {stop!r}")
-        return token_id
-
-    def _build_reward(self):
-        rcfg = self.config.reward
-        if rcfg.function is not None:
-            return CallableReward(rcfg.function)
-        source = resolve_model_source(rcfg.model, "reward.model")
-        model = load_frozen("AutoModelForSequenceClassification", source, self.config.model,
-                            self.tokenizer.pad_token_id, num_labels=1).to(self.device)
-        reward_tokenizer = load_tokenizer(source, self.config.model.trust_remote_code)
-        model.config.pad_token_id = reward_tokenizer.pad_token_id
-        return ModelReward(model, reward_tokenizer, self.tokenizer, rcfg.batch_size)
 
     def _build_optimizer(self, model: ActorCritic) -> torch.optim.Optimizer:
         pcfg = self.config.ppo
@@ -166,7 +88,7 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         pcfg = self.config.ppo
-        updates = pcfg.steps * pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
+        updates = self.stage.steps * pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
         name = "constant_with_warmup" if pcfg.lr_scheduler == "constant" else pcfg.lr_scheduler
         return get_scheduler(name, self.optimizer.optimizer, num_warmup_steps=pcfg.warmup_steps,
                              num_training_steps=updates)
@@ -178,23 +100,24 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, float]:
-        """Run the remaining steps, then save the final policy and critic."""
+        """Run the stage's remaining steps, then save its final policy and critic."""
         stats: dict[str, float] = {}
-        with self.tracker.progress(self.config.ppo.steps, self.global_step) as progress:
-            while self.global_step < self.config.ppo.steps:
+        stage = self.stage
+        with self.tracker.progress(stage.steps, self.step_in_stage, stage.name) as progress:
+            while self.step_in_stage < stage.steps:
                 stats = self.step()
-                self.global_step += 1
-                self.tracker.log(stats, self.global_step)
-                progress.update(self.global_step, stats)
-        self.save_models(Path(self.config.output_dir))
-        self.tracker.finish()
+                self.step_in_stage += 1
+                self.tracker.log({"task": stage.name, "task_step": self.step_in_stage, **stats},
+                                 stage.step_offset + self.step_in_stage)
+                progress.update(self.step_in_stage, stats)
+        self.save_models(stage.output_dir)
         return stats
 
     def step(self) -> dict[str, float]:
         """One PPO step on the next batch of prompts; returns the step's global stats."""
         start = time.perf_counter()
         batch, generate_s = self.make_rollout()
-        batch.scores = self.process_scores(batch.raw_scores, batch.stopped)
+        batch.scores = self.process_scores(batch)
         kl = core.kl_penalty(batch.old_logprobs, batch.ref_logprobs, self.config.ppo.kl_estimator)
         rewards = core.shaped_rewards(batch.scores, kl, batch.response_mask, self.kl_coef)
         batch.advantages, batch.returns = core.gae(rewards, batch.old_values, batch.response_mask,
@@ -225,8 +148,9 @@ class PPOTrainer:
         """Generate this process's share of the next prompt batch and score it."""
         pcfg, gcfg = self.config.ppo, self.config.generation
         acc = self.accelerator
+        prompts = self.stage.prompts
         indices = self.prompt_stream.next_indices(pcfg.rollout_batch_size, acc.process_index, acc.num_processes)
-        prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in indices], self.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         local = len(indices)
         model = self.unwrapped
@@ -247,14 +171,34 @@ class PPOTrainer:
             with self.reference_policy() as ref:
                 ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature, chunk)
             old_values = response_values(model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
-        prompts = [self.prompt_texts[i] for i in indices]
+            anchor_logprobs = None
+            if self.anchor_policy is not None:
+                anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
+                                                       temperature, chunk)
+        task = torch.tensor([prompts.task[i] for i in indices], device=self.device)
+        texts = [prompts.texts[i] for i in indices]
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        raw_scores = self.reward(prompts, completions, input_ids, attention_mask).to(self.device)
+        raw_scores = torch.zeros(local, device=self.device)
+        for j in task.unique().tolist():  # each prompt is scored by its own task's reward
+            rows = (task == j).nonzero().flatten()
+            picked = rows.tolist()
+            raw_scores[rows] = self.rewards[j]([texts[i] for i in picked], [completions[i] for i in picked],
+                                               input_ids[rows], attention_mask[rows]).to(self.device)
         model.train()
         batch = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=responses,
                         response_mask=response_mask, stopped=stopped, old_logprobs=old_logprobs,
-                        ref_logprobs=ref_logprobs, old_values=old_values, entropy=entropy, raw_scores=raw_scores)
+                        ref_logprobs=ref_logprobs, old_values=old_values, entropy=entropy, raw_scores=raw_scores,
+                        task=task, anchor_logprobs=anchor_logprobs)
         return batch, generate_s
+
+    @contextlib.contextmanager
+    def previous_policy(self):
+        """The frozen π_{t−1}: its own model when it is not the KL reference, else the reference."""
+        if self.anchor_policy is not None:
+            yield self.anchor_policy
+        else:
+            with self.reference_policy() as ref:
+                yield ref
 
     @contextlib.contextmanager
     def reference_policy(self):
@@ -266,21 +210,15 @@ class PPOTrainer:
             with policy.disable_adapter():
                 yield policy
 
-    def process_scores(self, raw_scores: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
-        """Raw scores → normalised (batch or running moments) → missing-EOS penalty → clipped."""
-        rcfg = self.config.reward
-        scores = raw_scores.float()
-        if rcfg.normalize == "batch":
-            everything = self.gather_rows(scores)
-            scores = (scores - everything.mean()) / (everything.std() + 1e-8)
-        elif rcfg.normalize == "running":
-            self.score_moments.update(self.gather_rows(scores))
-            scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
-        if rcfg.missing_eos_penalty is not None and self.stop_token_id is not None:
-            scores = scores - rcfg.missing_eos_penalty * (~stopped).float()
-        if rcfg.clip is not None:
-            scores = scores.clamp(-rcfg.clip, rcfg.clip)
-        return scores
+    def process_scores(self, batch: Rollout) -> torch.Tensor:
+        """Each task's raw scores processed by its reward config, over the global batch (SPEC §2)."""
+        raw, stopped, task = (self.gather_rows(x) for x in (batch.raw_scores, batch.stopped, batch.task))
+        scores = torch.zeros_like(raw, dtype=torch.float32)
+        for j in task.unique().tolist():
+            rows = task == j
+            scores[rows] = process_scores(raw[rows], stopped[rows], self.stage.reward_configs[j],
+                                          self.score_moments[j], self.stop_token_id is not None)
+        return self.local_rows(scores, batch.raw_scores)
 
     # ------------------------------------------------------------------ global (all-process) statistics
 
@@ -349,7 +287,7 @@ class PPOTrainer:
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else acc.no_sync(self.model):
                         loss, stats = self.micro_batch_loss(batch.select(rows.to(batch.response_ids.device)),
-                                                            denominators)
+                                                            denominators, last)
                         acc.backward(loss)
                     stats["loss/total"] = loss.detach()
                     for key, value in stats.items():
@@ -378,15 +316,16 @@ class PPOTrainer:
         mini-batch is split.
         """
         mask = batch.response_mask[rows]
-        names = sorted(batch.loss_weights)
-        local = torch.stack([core.weighted_token_count(mask, None if batch.loss_weights[name] is None
-                                                       else batch.loss_weights[name][rows]) for name in names])
+        weights = {"tokens": None, **batch.loss_weights}  # plain token count, for token-mean penalties
+        names = sorted(weights)
+        local = torch.stack([core.weighted_token_count(mask, None if weights[name] is None else weights[name][rows])
+                             for name in names])
         if self.accelerator.num_processes > 1:
             local = self.accelerator.reduce(local, reduction="sum") / self.accelerator.num_processes
         return dict(zip(names, local, strict=True))
 
-    def micro_batch_loss(self, mb: Rollout, denominators: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
-                                                                                         dict[str, torch.Tensor]]:
+    def micro_batch_loss(self, mb: Rollout, denominators: dict[str, torch.Tensor],
+                         last_micro: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This micro-batch's part of the mini-batch loss PG + c_vf·VF + extra terms, and its stats."""
         pcfg = self.config.ppo
         with self.accelerator.autocast():
@@ -398,6 +337,9 @@ class PPOTrainer:
         vf, vf_stats = core.value_loss(values, mb.old_values, mb.returns, mask, pcfg.value_clip,
                                        mb.loss_weights["value"], denominators["value"])
         terms = {"policy": (1.0, pg), "value": (pcfg.vf_coef, vf), **self.extra_losses(mb, logprobs, denominators)}
+        if self.regularizer is not None:
+            terms["reg"] = (self.config.continual.reg_coef,
+                            self.regularizer.penalty(self, mb, logits, denominators["tokens"], last_micro))
         loss = sum(coef * term for coef, term in terms.values())
         stats = {f"loss/{name}": term.detach() for name, (_, term) in terms.items()}
         stats.update({"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
@@ -430,22 +372,20 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------ saving
 
-    def save_models(self, directory: Path) -> None:
+    def save_models(self, directory) -> None:
         """The policy (merged if LoRA) and the critic as standard HF directories, with the tokenizer."""
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        model = self.unwrapped
-        policy = model.policy
-        if self.config.model.lora_r > 0:
-            policy.save_pretrained(directory / "policy_adapter")
-            import copy
-
-            policy = copy.deepcopy(policy).merge_and_unload()
-        policy.save_pretrained(directory / "policy")
-        self.tokenizer.save_pretrained(directory / "policy")
-        model.value_model.save_pretrained(directory / "value_model")
-        self.tokenizer.save_pretrained(directory / "value_model")
+        if self.accelerator.is_main_process:
+            model = self.unwrapped
+            policy = model.policy
+            if self.config.model.lora_r > 0:
+                policy.save_pretrained(directory / "policy_adapter")
+                policy = copy.deepcopy(policy).merge_and_unload()
+            policy.save_pretrained(directory / "policy")
+            self.tokenizer.save_pretrained(directory / "policy")
+            model.value_model.save_pretrained(directory / "value_model")
+            self.tokenizer.save_pretrained(directory / "value_model")
+        self.accelerator.wait_for_everyone()  # the next task loads what was just written
 
 
 class CPPOTrainer(PPOTrainer):
@@ -476,7 +416,10 @@ class CPPOTrainer(PPOTrainer):
         local_alpha, local_beta = self.local_rows(alpha, batch.scores), self.local_rows(beta, batch.scores)
         batch.loss_weights = {"policy": local_alpha, "value": local_alpha if ccfg.alpha_weights_value_loss else None,
                               "kr": local_beta}
-        batch.anchor_logprobs = batch.old_logprobs if ccfg.kr_anchor == "rollout" else batch.ref_logprobs
+        if ccfg.kr_anchor == "rollout":
+            batch.anchor_logprobs = batch.old_logprobs
+        elif batch.anchor_logprobs is None:  # π_{t−1} is the KL reference: reuse its log-probs
+            batch.anchor_logprobs = batch.ref_logprobs
         self.kr_active = bool(beta.any())  # the same on every process: β is the global batch's
         return self.weight_stats(every_logprob, every_reward, alpha, beta, types)
 

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cppo.config import load_config  # noqa: E402
+from cppo.continual import build_trainer  # noqa: E402
 from cppo.models import build_tiny_gpt2  # noqa: E402
-from cppo.trainer import trainer_class  # noqa: E402
 
 METHODS = {
     "ppo": ["algo=ppo"],
@@ -62,7 +62,7 @@ def main() -> None:
     trainers, weighting_s = {}, {name: [] for name in METHODS}
     for name, extra in METHODS.items():
         config = load_config(args.config, [*base, *extra, f"ppo.steps={args.rounds + args.warmup}"])
-        trainer = trainer_class(config)(config)
+        trainer = build_trainer(config)
         prepare = trainer.prepare_losses
 
         def timed_prepare(batch, kl, _prepare=prepare, _name=name):

@@ -6,17 +6,17 @@ classification statistics and the gathered α and β to the JSON file named on t
 """
 
 import json
+import os
 import sys
 
 import torch
 
 from cppo.config import load_config
+from cppo.continual import build_trainer
 from cppo.rollout import Rollout
-from cppo.trainer import CPPOTrainer
 
 out_path, config_path, *overrides = sys.argv[1:]
-trainer = CPPOTrainer(load_config(config_path, overrides, num_processes=int(__import__("os").environ.get(
-    "WORLD_SIZE", "1"))))
+trainer = build_trainer(load_config(config_path, overrides, num_processes=int(os.environ.get("WORLD_SIZE", "1"))))
 acc = trainer.accelerator
 
 generator = torch.Generator().manual_seed(1234)
@@ -38,7 +38,8 @@ batch = Rollout(prompt_ids=torch.ones(share, 2, dtype=torch.long, device=acc.dev
                 response_ids=torch.ones(share, local_width, dtype=torch.long, device=acc.device),
                 response_mask=local(response_mask), stopped=torch.ones(share, dtype=torch.bool, device=acc.device),
                 old_logprobs=local(old_logprobs), ref_logprobs=zeros, old_values=zeros, entropy=zeros,
-                raw_scores=scores[rows].to(acc.device), scores=scores[rows].to(acc.device))
+                raw_scores=scores[rows].to(acc.device), scores=scores[rows].to(acc.device),
+                task=torch.zeros(share, dtype=torch.long, device=acc.device))
 stats = trainer.prepare_losses(batch, kl=zeros)
 alpha = acc.gather(batch.loss_weights["policy"]).tolist()
 beta = acc.gather(batch.loss_weights["kr"]).tolist()

@@ -12,12 +12,13 @@ def write(tmp_path, text):
 
 
 def test_yaml_and_overrides_are_typed(tmp_path):
-    path = write(tmp_path, "ppo:\n  learning_rate: 1e-5\n  steps: 3\nreward:\n  function: m:f\n")
-    config = load_config(path, ["ppo.steps=7", "generation.top_p=0.9", "report_to=[wandb]", "reward.clip=null"])
+    path = write(tmp_path, "ppo:\n  learning_rate: 1e-5\n  steps: 3\ntasks:\n  - name: a\n    reward:\n"
+                           "      function: m:f\n      clip: 2\n")
+    config = load_config(path, ["ppo.steps=7", "generation.top_p=0.9", "report_to=[wandb]", "tasks.0.reward.clip=null"])
     assert isinstance(config, Config)
     assert config.ppo.learning_rate == 1e-5  # YAML 1.1 reads 1e-5 as a string: converted
     assert config.ppo.steps == 7 and config.generation.top_p == 0.9
-    assert config.report_to == ["wandb"] and config.reward.clip is None
+    assert config.report_to == ["wandb"] and config.tasks[0].reward.clip is None
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -32,9 +33,16 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     (["generation.top_p=1.5"], "generation.top_p must be in (0, 1], got 1.5"),
     (["ppo.rollout_batch_size=10", "ppo.mini_batch_size=4"], "ppo.rollout_batch_size must be a multiple"),
     (["report_to=[mlflow]"], "report_to must be wandb or tensorboard, got 'mlflow'"),
-    (["reward.function=null"], "reward: set exactly one of reward.model"),
-    (["reward.model=x"], "reward: set exactly one of reward.model"),
-    (["reward.function=nocolon"], "reward.function must be of the form module:function"),
+    (["tasks.0.reward.function=null"], "tasks[0].reward: set exactly one of tasks[0].reward.model"),
+    (["tasks.0.reward.model=x"], "tasks[0].reward: set exactly one of"),
+    (["tasks.0.reward.function=nocolon"], "tasks[0].reward.function must be of the form module:function"),
+    (["tasks.1.steps=3"], "override tasks.1.steps: tasks.1 is not an existing list item"),
+    (["tasks.0.steps=0"], "tasks[0].steps must be > 0 or null, got 0"),
+    (["tasks.0.episodes=0"], "tasks[0].episodes must be > 0 or null, got 0"),
+    (["tasks.0.name=a b"], "tasks[0].name must be a non-empty name"),
+    (["tasks=[]"], "tasks must be a non-empty list"),
+    (["continual.regularizer=ewc", "model.lora_r=8"], "continual.regularizer must be none or lwf with LoRA"),
+    (["continual.schedule=joint", "continual.regularizer=l2"], "continual.regularizer must be none with schedule"),
     (["ppo=3"], "ppo must be a mapping"),
     (["algo=trpo"], "algo must be one of ppo, cppo, got 'trpo'"),
     (["cppo.k=0"], "cppo.k must be > 0, got 0.0"),
@@ -49,7 +57,7 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     (["ppo"], "override 'ppo' must look like key=value"),
 ])
 def test_bad_values_give_one_line_errors(tmp_path, overrides, message):
-    path = write(tmp_path, "reward:\n  function: m:f\n")
+    path = write(tmp_path, "tasks:\n  - name: a\n    reward:\n      function: m:f\n")
     with pytest.raises(UserError) as error:
         load_config(path, overrides)
     assert message in str(error.value)
@@ -57,7 +65,7 @@ def test_bad_values_give_one_line_errors(tmp_path, overrides, message):
 
 
 def test_batch_sizes_are_checked_against_the_process_count(tmp_path):
-    path = write(tmp_path, "reward:\n  function: m:f\nppo:\n  rollout_batch_size: 8\n  mini_batch_size: 2\n")
+    path = write(tmp_path, "ppo:\n  rollout_batch_size: 8\n  mini_batch_size: 2\n")
     load_config(path, [], num_processes=2)
     with pytest.raises(UserError, match=r"ppo.mini_batch_size must be a multiple of processes"):
         load_config(path, [], num_processes=4)

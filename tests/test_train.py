@@ -96,18 +96,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_confi
         "unknown_key": ["ppo.learning_rat=1"],
         "wrong_type": ["ppo.steps=ten"],
         "missing_model": [f"model.policy={tmp_path}/no/such/model"],
-        "missing_data": [f"data.path={tmp_path}/missing.jsonl"],
-        "not_importable": ["reward.function=no_such_module_xyz:score"],
-        "no_function": ["reward.function=cppo.toy:no_such_function"],
-        "wrong_length": [f"reward.function={module}"],
-        "nan": [f"reward.function={module}"],
+        "missing_data": [f"tasks.0.prompts.path={tmp_path}/missing.jsonl"],
+        "not_importable": ["tasks.0.reward.function=no_such_module_xyz:score"],
+        "no_function": ["tasks.0.reward.function=cppo.toy:no_such_function"],
+        "wrong_length": [f"tasks.0.reward.function={module}"],
+        "nan": [f"tasks.0.reward.function={module}"],
         "bad_stop_token": ["generation.stop_token=not-a-token"],
     }[case]
     expected = {
         "unknown_key": "unknown config key 'ppo.learning_rat'",
         "wrong_type": "ppo.steps must be an integer, got 'ten'",
         "missing_model": "model.policy: model directory",
-        "missing_data": "data.path: file not found",
+        "missing_data": "tasks[0].prompts.path: file not found",
         "not_importable": "reward.function: cannot import 'no_such_module_xyz'",
         "no_function": "has no callable 'no_such_function'",
         "wrong_length": "returned 1 scores for 8 completions",
@@ -137,8 +137,9 @@ def test_reward_model_value_init_and_local_jsonl_prompts(tmp_path, tiny_config, 
     prompts.write_text("".join(json.dumps({"text": f"prompt number {i}:", "id": i}) + "\n" for i in range(20)))
 
     out = tmp_path / "out"
-    code, err = run_cli([tiny_config, *quick_overrides(out), "reward.function=null", f"reward.model={reward_dir}",
-                         "model.value_init=reward_model", f"data.path={prompts}", "data.prompt_field=text"], capsys)
+    code, err = run_cli([tiny_config, *quick_overrides(out), "tasks.0.reward.function=null",
+                         f"tasks.0.reward.model={reward_dir}", "model.value_init=reward_model",
+                         f"tasks.0.prompts.path={prompts}", "tasks.0.prompts.prompt_field=text"], capsys)
     assert code == 0, err
     rows = read_metrics(out)
     assert len(rows) == 2 and all(math.isfinite(r["reward/mean"]) for r in rows)
@@ -151,7 +152,7 @@ def test_reward_model_value_init_and_local_jsonl_prompts(tmp_path, tiny_config, 
 def test_missing_prompt_column_is_reported(tmp_path, tiny_config, capsys):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("question\nhello\n")
-    code, err = run_cli([tiny_config, *quick_overrides(tmp_path / "out"), f"data.path={prompts}"], capsys)
+    code, err = run_cli([tiny_config, *quick_overrides(tmp_path / "out"), f"tasks.0.prompts.path={prompts}"], capsys)
     assert code == 2 and "column 'prompt' not in" in err
 
 
@@ -161,7 +162,7 @@ def test_lora_policy_uses_the_base_as_reference_and_saves_merged(tmp_path, tiny_
     assert code == 0, err
     rows = read_metrics(out)
     assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero: policy == reference
-    assert (out / "policy_adapter" / "adapter_config.json").is_file()
+    assert (out / "task_1_vowels" / "policy_adapter" / "adapter_config.json").is_file()
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out / "policy")
@@ -181,14 +182,14 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, tiny_config):
     """Token-weighted means are normalised over the whole mini-batch: splitting it into micro-batches
     changes the arithmetic order only, not the gradient."""
     from cppo.config import load_config
-    from cppo.trainer import PPOTrainer
+    from cppo.continual import build_trainer
 
     gradients = []
     for accumulation in (1, 4):
         overrides = quick_overrides(tmp_path / f"a{accumulation}", steps=1,
                                     **{"ppo.gradient_accumulation_steps": accumulation, "ppo.mini_batch_size": 8,
                                        "ppo.max_grad_norm": "null"})
-        trainer = PPOTrainer(load_config(tiny_config, overrides))
+        trainer = build_trainer(load_config(tiny_config, overrides))
         step = trainer.optimizer.step
 
         def record_then_step(*args, _step=step, _trainer=trainer, **kwargs):
@@ -239,106 +240,48 @@ def test_adaptive_kl_moves_the_coefficient(tmp_path, tiny_config, capsys):
 
 def test_score_processing_order():
     """normalise → subtract the missing-EOS penalty → clip (documented in RewardConfig)."""
-    from types import SimpleNamespace
-
     from cppo.config import RewardConfig
-    from cppo.trainer import PPOTrainer, RunningMoments
+    from cppo.rewards import RunningMoments, process_scores
 
-    fake = SimpleNamespace(config=SimpleNamespace(reward=RewardConfig(function="m:f", normalize="batch", clip=1.0,
-                                                                      missing_eos_penalty=0.5)),
-                           stop_token_id=0, gather_rows=lambda x: x, score_moments=RunningMoments())
+    cfg = RewardConfig(function="m:f", normalize="batch", clip=1.0, missing_eos_penalty=0.5)
     raw = torch.tensor([1.0, 2.0, 3.0, 10.0])
     stopped = torch.tensor([True, False, True, True])
-    scores = PPOTrainer.process_scores(fake, raw, stopped)
+    scores = process_scores(raw, stopped, cfg, RunningMoments(), has_stop_token=True)
     z = (raw - raw.mean()) / raw.std()
     expected = (z - 0.5 * torch.tensor([0.0, 1.0, 0.0, 0.0])).clamp(-1, 1)
     torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
-    fake.config.reward.normalize = "running"
-    PPOTrainer.process_scores(fake, raw, stopped)
-    PPOTrainer.process_scores(fake, raw + 4, stopped)
+    assert torch.equal(process_scores(raw, stopped, cfg, RunningMoments(), has_stop_token=False),
+                       z.clamp(-1, 1))
+    cfg.normalize = "running"
+    moments = RunningMoments()
+    process_scores(raw, stopped, cfg, moments, True)
+    process_scores(raw + 4, stopped, cfg, moments, True)
     both = torch.cat([raw, raw + 4])
-    assert fake.score_moments.count == 8
-    assert fake.score_moments.mean == pytest.approx(both.mean().item())
-    assert fake.score_moments.std == pytest.approx(both.std().item(), rel=1e-6)
+    assert moments.count == 8
+    assert moments.mean == pytest.approx(both.mean().item())
+    assert moments.std == pytest.approx(both.std().item(), rel=1e-6)
 
 
-def test_cppo_with_alpha_one_beta_zero_is_bit_identical_to_ppo(tmp_path, tiny_config):
-    """SPEC §5's invariant: α ≡ 1, β ≡ 0 makes CPPO exactly PPO, same seed and config."""
-    from cppo.config import load_config
-    from cppo.trainer import trainer_class
+def test_without_a_stop_token_responses_run_to_full_length(cppo_cache):
+    """transformers would otherwise bring back the model's EOS as a stop and cut the responses."""
+    from transformers import AutoModelForCausalLM
 
-    weights = []
-    for algo in ("ppo", "cppo"):
-        overrides = quick_overrides(tmp_path / algo, steps=3, **{"algo": algo, "ppo.ppo_epochs": 2,
-                                                                  "cppo.ablation": "alpha_one+beta_zero"})
-        config = load_config(tiny_config, overrides)
-        trainer = trainer_class(config)(config)
-        for _ in range(3):
-            trainer.step()
-        weights.append([p.detach().clone() for p in trainer.unwrapped.parameters()])
-    assert len(weights[0]) == len(weights[1])
-    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
-    # and the run did move the weights: the comparison is not between two untouched models
-    from cppo.models import load_policy, resolve_model_source
+    from cppo.models import resolve_model_source
+    from cppo.rollout import generate, make_generation_config
 
-    initial = load_policy(resolve_model_source("builtin:tiny-gpt2", "p"), config.model, 1)
-    assert not torch.equal(next(initial.parameters()), weights[0][0])
+    class AlwaysEos(AutoModelForCausalLM._model_mapping[__import__("transformers").GPT2Config]):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[..., self.config.eos_token_id] += 100.0
+            return out
 
-
-def test_cppo_logs_types_weights_and_kr(tmp_path, tiny_config, capsys):
-    out = tmp_path / "out"
-    code, err = run_cli([tiny_config, *quick_overrides(out, steps=3), "algo=cppo", "ppo.rollout_batch_size=16"],
-                        capsys)
-    assert code == 0, err
-    rows = read_metrics(out)
-    for row in rows:
-        fractions = [row[f"cppo/frac_r{j}"] for j in range(1, 6)]
-        assert sum(fractions) == pytest.approx(1.0)
-        for key in ("cppo/alpha_mean", "cppo/alpha_std", "cppo/beta_mean", "cppo/beta_std", "loss/kr",
-                    "cppo/logprob_mu", "cppo/logprob_sigma", "cppo/reward_mu", "cppo/reward_sigma"):
-            assert math.isfinite(row[key]), key
-    assert rows[0]["cppo/reward_mu"] == pytest.approx(rows[0]["reward/mean"], abs=1e-5)
-    assert rows[-1]["loss/kr"] > 0  # the policy has moved away from π_{t−1}
-
-
-@pytest.mark.parametrize("weighting", ["balance", "learned"])
-def test_cppo_other_weightings_train(tmp_path, tiny_config, capsys, weighting):
-    out = tmp_path / "out"
-    code, err = run_cli([tiny_config, *quick_overrides(out), "algo=cppo", f"cppo.weighting={weighting}",
-                         "cppo.alpha_weights_value_loss=true", "cppo.stats_reward=shaped"], capsys)
-    assert code == 0, err
-    assert all(math.isfinite(r["loss/total"]) for r in read_metrics(out))
-
-
-def test_kr_anchor_rollout_starts_at_zero(tmp_path, tiny_config):
-    """With the rollout policy as anchor, KR is 0 on the first mini-batch (θ = θ_roll there)."""
-    from cppo.config import load_config
-    from cppo.trainer import CPPOTrainer
-
-    overrides = quick_overrides(tmp_path / "o", steps=1, **{"algo": "cppo", "cppo.kr_anchor": "rollout",
-                                                             "ppo.mini_batch_size": 8})
-    trainer = CPPOTrainer(load_config(tiny_config, overrides))
-    stats = trainer.step()
-    assert stats["loss/kr"] < 1e-9
-
-
-def run_weights_script(tmp_path, tiny_config, processes):
-    out = tmp_path / f"weights_{processes}.json"
-    script = str(ROOT / "tests" / "distributed_weights_script.py")
-    overrides = ["algo=cppo", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", f"output_dir={tmp_path / 'o'}"]
-    launcher = [PYTHON, script] if processes == 1 else [
-        PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), script]
-    result = subprocess.run([*launcher, str(out), tiny_config, *overrides], cwd=ROOT, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
-@pytest.mark.slow
-def test_two_processes_classify_exactly_like_one(tmp_path, tiny_config):
-    one, two = run_weights_script(tmp_path, tiny_config, 1), run_weights_script(tmp_path, tiny_config, 2)
-    assert (one["processes"], two["processes"]) == (1, 2)
-    assert one["stats"] == two["stats"]  # μ, σ of ℓ and R, the five fractions, α/β moments: exactly
-    assert one["alpha"] == two["alpha"] and one["beta"] == two["beta"]
-    fractions = [one["stats"][f"cppo/frac_r{j}"] for j in range(1, 6)]
-    assert fractions == [1 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 2]  # every type present: the comparison has teeth
+    policy = AlwaysEos.from_pretrained(resolve_model_source("builtin:tiny-gpt2", "p"))
+    prompt_ids, prompt_mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long)
+    eos = policy.config.eos_token_id
+    responses, mask, stopped = generate(policy, prompt_ids, prompt_mask, make_generation_config(
+        None, 1, do_sample=True, max_new_tokens=6, top_k=0), None, 1, 2)
+    assert responses.shape == (2, 6) and mask.sum() == 12 and not stopped.any()
+    assert (responses == eos).all()
+    responses, mask, stopped = generate(policy, prompt_ids, prompt_mask, make_generation_config(
+        eos, 1, do_sample=True, max_new_tokens=6, top_k=0), eos, 1, 2)
+    assert responses.shape == (2, 1) and mask.sum() == 2 and stopped.all()

@@ -1,0 +1,118 @@
+"""What a run shares across its tasks (`Session`) and what one training phase needs (`Stage`).
+
+A run opens one session: the accelerator, the tracker, the tokenizer, the reward sources. Every task
+of a continual run is then a stage: its prompts, its rewards, its budget, and where its models come
+from (π_{t−1} for the policy and the KL reference, the previous critic). Splitting the two keeps the
+trainer ignorant of task sequences: it trains one stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from .config import Config, UserError
+from .data import PromptSet, build_prompt_set, check_data_source
+from .models import load_tokenizer, resolve_model_source
+from .rewards import RewardBank, import_reward_function
+from .tracking import Tracker
+
+
+def check_sources(config: Config) -> None:
+    """Every path and import the run needs, checked before any model loads."""
+    resolve_model_source(config.model.policy, "model.policy")
+    for name in ("tokenizer", "value_model"):
+        if getattr(config.model, name) is not None:
+            resolve_model_source(getattr(config.model, name), f"model.{name}")
+    rewards = [(f"tasks[{i}].reward", t.reward) for i, t in enumerate(config.tasks)]
+    if config.eval_reward is not None:
+        rewards.append(("eval_reward", config.eval_reward))
+    for name, reward in rewards:
+        if reward.model is not None:
+            resolve_model_source(reward.model, f"{name}.model")
+        else:
+            import_reward_function(reward.function)
+    for i, task in enumerate(config.tasks):
+        check_data_source(task.prompts, f"tasks[{i}].prompts")
+        if task.eval_prompts is not None:
+            check_data_source(task.eval_prompts, f"tasks[{i}].eval_prompts")
+
+
+@dataclass
+class Session:
+    config: Config
+    accelerator: Accelerator
+    tracker: Tracker
+    tokenizer: object
+    initial_policy: str  # resolved source of π_0
+    rewards: RewardBank
+    stop_token_id: int | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def open_session(config: Config) -> Session:
+    check_sources(config)
+    # cpu=True without an accelerator makes a multi-process launch use gloo on the CPU.
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
+                              log_with=config.report_to or None, project_dir=config.output_dir)
+    config.validate(accelerator.num_processes)
+    mcfg = config.model
+    initial = resolve_model_source(mcfg.policy, "model.policy")
+    tokenizer = load_tokenizer(resolve_model_source(mcfg.tokenizer, "model.tokenizer") if mcfg.tokenizer else initial,
+                               mcfg.trust_remote_code)
+    return Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config), tokenizer=tokenizer,
+                   initial_policy=initial, rewards=RewardBank(tokenizer, mcfg, accelerator.device),
+                   stop_token_id=_stop_token_id(config, tokenizer))
+
+
+def _stop_token_id(config: Config, tokenizer) -> int | None:
+    stop = config.generation.stop_token
+    if stop is None:
+        return None
+    if stop == "eos":
+        if tokenizer.eos_token_id is None:
+            raise UserError("generation.stop_token is 'eos' but the tokenizer has no eos token")
+        return tokenizer.eos_token_id
+    token_id = tokenizer.convert_tokens_to_ids(stop)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise UserError(f"generation.stop_token must be 'eos', null or a single token, got {stop!r}")
+    return token_id
+
+
+@dataclass
+class Stage:
+    """One training phase: one task of the sequence, or the union of all tasks (`schedule: joint`)."""
+
+    name: str
+    prompts: PromptSet
+    reward_configs: list  # RewardConfig per task index (PromptSet.task)
+    steps: int
+    policy: str  # where the policy starts: π_{t−1}
+    value_model: str  # where the critic starts
+    reference: str  # reference of the reward's KL penalty
+    anchor: str | None  # π_{t−1} for KR / LwF when it is not the reference (then a second frozen model)
+    output_dir: Path
+    step_offset: int = 0  # global steps done before this stage
+
+
+def task_prompts(session: Session, index: int) -> PromptSet:
+    task = session.config.tasks[index]
+    return build_prompt_set(task.prompts, session.tokenizer, index, f"tasks[{index}].prompts")
+
+
+def first_stage(session: Session, output_dir: Path | None = None, prompts: PromptSet | None = None) -> Stage:
+    """The stage of the first task, starting from the configured models: a single-task run."""
+    config = session.config
+    mcfg = config.model
+    value = mcfg.value_model or (config.tasks[0].reward.model if mcfg.value_init == "reward_model" else mcfg.policy)
+    return Stage(name=config.tasks[0].name, prompts=prompts or task_prompts(session, 0),
+                 reward_configs=[t.reward for t in config.tasks], steps=config.tasks[0].budget(config.ppo),
+                 policy=session.initial_policy, value_model=resolve_model_source(value, "model.value_model"),
+                 reference=session.initial_policy, anchor=None,
+                 output_dir=output_dir or Path(config.output_dir))
