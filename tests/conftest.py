@@ -20,6 +20,17 @@ def cppo_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator; accelerate keeps its state in process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 @pytest.fixture
 def tiny_config():
     return str(ROOT / "configs" / "ppo_tiny.yaml")

@@ -15,16 +15,6 @@ from cppo.config import UserError
 CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def quick(output_dir, steps=2, **extra):
     values = {"output_dir": str(output_dir), "tasks.0.steps": steps, "tasks.1.steps": steps,
               "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4, "ppo.ppo_epochs": 1,
@@ -322,3 +312,29 @@ def test_lwf_is_zero_at_the_previous_policy_and_pulls_back(tmp_path):
         return trainer.regularizer.penalty(trainer, batch, logits, mask.sum().float(), True)
 
     check_points_back(trainer, penalty)
+
+
+@pytest.mark.parametrize("algo, kl_reference, regularizer, expect_anchor", [
+    ("cppo", "previous_task", "none", False),  # π_{t−1} is the KL reference and the KR anchor: one model
+    ("cppo", "initial", "none", True),  # KL to π_0, KR to π_{t−1}: a second frozen model from task 2 on
+    ("ppo", "initial", "none", False),  # kl_reference is CPPO's option; PPO's reference is π_{t−1}
+    ("ppo", "previous_task", "lwf", False),
+])
+def test_stage_lineage(tmp_path, algo, kl_reference, regularizer, expect_anchor):
+    from cppo.config import load_config
+    from cppo.continual import stages
+    from cppo.session import open_session, task_prompts
+
+    config = load_config(CONTINUAL, quick(tmp_path / "o", algo=algo, **{"cppo.kl_reference": kl_reference,
+                                                                        "continual.regularizer": regularizer}))
+    session = open_session(config)
+    first, second = stages(session, [task_prompts(session, i) for i in range(2)])
+    assert first.policy == first.reference == session.initial_policy and first.anchor is None
+    assert first.output_dir == tmp_path / "o" / "task_1_vowels"
+    assert second.policy == str(first.output_dir / "policy")
+    assert second.value_model == str(first.output_dir / "value_model")
+    assert second.step_offset == 2
+    if expect_anchor:
+        assert second.reference == session.initial_policy and second.anchor == second.policy
+    else:
+        assert second.reference == second.policy and second.anchor is None
