@@ -17,7 +17,9 @@ def train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     from .continual import run
 
-    summary = run(config)
+    summary = run(config, resume=args.resume, force=args.force)
+    if "preempted" in summary:
+        return 0
     if _is_main_process():
         reward = summary["final_stats"].get("reward/mean", float("nan"))
         print(f"done: {len(config.tasks)} task(s), last step reward/mean={reward:.4f}; final policy in "
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("train", help="train on a config: cppo train CONFIG [key=value ...]")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.learning_rate=1e-5 output_dir=runs/x")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from the newest valid checkpoint in output_dir, or from CHECKPOINT")
+    p.add_argument("--force", action="store_true",
+                   help="resume even if result-changing config fields or the prompts differ (with a warning)")
     p.set_defaults(run=train)
     p = commands.add_parser("build-tiny", help="write a tiny offline GPT-2 and its tokenizer to a directory")
     p.add_argument("out_dir")

@@ -368,6 +368,10 @@ class Config:
     """Print a plain progress line every this many steps when stderr is not a terminal."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision under accelerate."""
+    save_steps: int = 0
+    """Write a checkpoint every this many steps (0: only at task ends and on SIGTERM/SIGINT)."""
+    save_total_limit: int | None = 3
+    """Keep the newest this many checkpoints (null keeps all; task-end policies are always kept)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
     eval_reward: RewardConfig | None = None
@@ -383,6 +387,9 @@ class Config:
             for tracker in getattr(self, name):
                 _check(tracker in ("wandb", "tensorboard"), "report_to", tracker, "wandb or tensorboard")
         _check(self.logging_steps > 0, "logging_steps", self.logging_steps, "> 0")
+        _check(self.save_steps >= 0, "save_steps", self.save_steps, ">= 0")
+        _check(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit",
+               self.save_total_limit, "> 0 or null")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         self.model.validate()
         _check(len(self.tasks) > 0, "tasks", self.tasks, "a non-empty list")
@@ -521,6 +528,30 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
             return value
         raise UserError(f"{name} must be a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+# Fields that change how a run is reported or saved, never what it computes: they may differ on resume.
+RESUME_SAFE_FIELDS = {"output_dir", "report_to", "project", "run_name", "logging_steps", "save_steps",
+                      "save_total_limit"}
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ and that change the result of a run."""
+    names = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if name in RESUME_SAFE_FIELDS or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            names.extend(config_differences(old, new, name + "."))
+        elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and all(
+                isinstance(o, dict) and isinstance(n, dict) for o, n in zip(old, new, strict=True)):
+            for i, (o, n) in enumerate(zip(old, new, strict=True)):
+                names.extend(config_differences(o, n, f"{name}[{i}]."))
+        else:
+            names.append(name)
+    return names
 
 
 def dump_config(config: Config, path: str | Path) -> None:

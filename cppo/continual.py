@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import sys
+import uuid
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
 
-from .config import Config
+from .checkpoint import STATE, CheckpointWriter, checkpoints, failpoint, prune, read_state, resolve_resume
+from .config import Config, UserError, config_differences
 from .data import PromptSet, build_prompt_set, left_pad
 from .metrics import summarize
 from .models import load_frozen
@@ -151,34 +157,127 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
-def run(config: Config) -> dict:
-    """Train the configured task stream and evaluate after each task; returns the summary."""
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived: the run saved a checkpoint and stops."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+class Checkpointer:
+    """Saves the run state every `save_steps`, at each task end, and when a stop signal arrives (the
+    current step finishes first). Holds what the trainer does not: the evaluation matrix, the
+    regulariser, the position in the task sequence."""
+
+    def __init__(self, session: Session, matrix: EvalMatrix, regularizer, run_id: str):
+        self.session, self.matrix, self.regularizer, self.run_id = session, matrix, regularizer, run_id
+        self.stage_index = 0
+        self.final_stats: dict = {}
+        self.stop_requested = False  # set by SIGTERM / SIGINT
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def _stop_everywhere(self) -> bool:
+        """Whether any process was asked to stop (all processes must save and leave together)."""
+        acc = self.session.accelerator
+        flag = torch.tensor([float(self.stop_requested)], device=acc.device)
+        return bool(acc.reduce(flag, reduction="max").item()) if acc.num_processes > 1 else self.stop_requested
+
+    def after_step(self, trainer: PPOTrainer) -> None:
+        config = self.session.config
+        stop = self._stop_everywhere()
+        if stop or (config.save_steps > 0 and trainer.global_step % config.save_steps == 0):
+            path = self.save(trainer.global_step, trainer=trainer)
+            if stop:
+                raise Preempted(path)
+
+    def save(self, global_step: int, trainer: PPOTrainer | None = None, stage_complete: bool = False) -> Path:
+        acc = self.session.accelerator
+        config = self.session.config
+        with CheckpointWriter(acc, config.output_dir, global_step) as directory:
+            state = {"global_step": global_step, "stage_index": self.stage_index, "stage_complete": stage_complete,
+                     "matrix": {"row_names": self.matrix.row_names, "rows": self.matrix.rows},
+                     "run_id": self.run_id, "final_stats": self.final_stats, "config": config.to_dict()}
+            if trainer is not None:
+                state["trainer"] = trainer.save_state(directory)
+            if acc.is_main_process:
+                if self.regularizer is not None:
+                    torch.save(self.regularizer.state_dict(), directory / "regularizer.pt")
+                (directory / STATE).write_text(json.dumps(state, indent=1))
+        if acc.is_main_process:
+            prune(config.output_dir, config.save_total_limit)
+        acc.wait_for_everyone()
+        return CheckpointWriter(acc, config.output_dir, global_step).final
+
+
+def run(config: Config, resume: str | None = None, force: bool = False) -> dict:
+    """Train the configured task stream and evaluate after each task; returns the summary.
+
+    `resume`: "auto" (the newest valid checkpoint in output_dir) or a checkpoint directory.
+    """
     session = open_session(config)
     acc, out = session.accelerator, Path(config.output_dir)
+    checkpoint = resolve_resume(resume, out) if resume else None
+    state = read_state(checkpoint) if checkpoint else None
+    if state is not None:
+        _check_resumable(state, config, checkpoint, force)
     # Every data file is read and tokenised before any model loads: bad data fails in seconds.
     prompt_sets = [task_prompts(session, i) for i in range(len(config.tasks))]
     evaluator = Evaluator(session)
     matrix = EvalMatrix(evaluator.task_names, out / "eval_matrix.json",
                         config.eval_reward.model or config.eval_reward.function if config.eval_reward else None)
-    if evaluator.sets:
+    regularizer = build_regularizer(config)
+    if state is None:
+        _clear_earlier_run(out, acc)
+    run_id = state["run_id"] if state else uuid.uuid4().hex[:12]
+    session.tracker.resume(run_id, state["global_step"] if state else None)
+    checkpointer = Checkpointer(session, matrix, regularizer, run_id)
+    if state is not None:
+        matrix.row_names, matrix.rows = state["matrix"]["row_names"], state["matrix"]["rows"]
+        checkpointer.final_stats = state["final_stats"]
+        if regularizer is not None and (checkpoint / "regularizer.pt").is_file():
+            regularizer.load_state_dict(torch.load(checkpoint / "regularizer.pt", weights_only=False))
+    elif evaluator.sets:
         initial = load_frozen("AutoModelForCausalLM", session.initial_policy, config.model,
                               session.tokenizer.pad_token_id).to(acc.device)
         matrix.append("initial", evaluator.evaluate(initial))
         del initial
-    regularizer = build_regularizer(config)
+    checkpointer.install_signal_handlers()
     last_dir = None
-    for stage in stages(session, prompt_sets):
-        trainer = trainer_class(config)(session, stage, regularizer)
-        final_stats = trainer.train()
-        if regularizer is not None:
-            regularizer.task_end(trainer)
-        if evaluator.sets:
-            matrix.append(f"after {stage.name}", evaluator.evaluate(trainer.unwrapped.policy))
-            matrix.write(acc)
-            session.tracker.log_evaluation(matrix.rows[-1], stage.step_offset + stage.steps)
-        last_dir = stage.output_dir
-        del trainer
-    summary = {"final_stats": final_stats, **matrix.summary()}
+    try:
+        for index, stage in enumerate(stages(session, prompt_sets)):
+            checkpointer.stage_index, last_dir = index, stage.output_dir
+            if state is not None and (index < state["stage_index"] or
+                                      (index == state["stage_index"] and state["stage_complete"])):
+                continue  # trained before the checkpoint
+            trainer = trainer_class(config)(session, stage, regularizer)
+            if state is not None and index == state["stage_index"]:
+                trainer.load_state(checkpoint, state["trainer"], force)
+            checkpointer.final_stats = trainer.train(checkpointer.after_step)
+            if regularizer is not None:
+                regularizer.task_end(trainer)
+            if evaluator.sets:
+                matrix.append(f"after {stage.name}", evaluator.evaluate(trainer.unwrapped.policy))
+                matrix.write(acc)
+                session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
+            failpoint(f"task_end:{stage.name}")
+            checkpointer.save(trainer.global_step, stage_complete=True)
+            del trainer
+    except Preempted as stop:
+        if acc.is_main_process:
+            print(f"stopped by a signal; checkpoint {stop.checkpoint}. Resume with: "
+                  f"cppo train <config> --resume", file=sys.stderr, flush=True)
+        session.tracker.finish()
+        return {"preempted": str(stop.checkpoint), "final_stats": checkpointer.final_stats}
+    summary = {"final_stats": checkpointer.final_stats, **matrix.summary()}
     if acc.is_main_process:
         _link_final(out, last_dir)
         _write_json(out / "summary.json", summary)
@@ -187,6 +286,29 @@ def run(config: Config) -> dict:
     acc.wait_for_everyone()
     session.tracker.finish()
     return summary
+
+
+def _clear_earlier_run(out: Path, accelerator) -> None:
+    """A fresh run in a directory that holds an earlier run's files starts over: its checkpoints would
+    otherwise be taken for this run's by a later --resume, and its metrics would mix with these."""
+    if accelerator.is_main_process and checkpoints(out):
+        print(f"cppo: {out} holds an earlier run's checkpoints; starting over (--resume continues a run)",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(out / "checkpoints")
+    if accelerator.is_main_process:
+        for name in ("metrics.jsonl", "eval_matrix.json", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def _check_resumable(state: dict, config: Config, checkpoint: Path, force: bool) -> None:
+    differing = config_differences(state["config"], config.to_dict())
+    if not differing:
+        return
+    message = f"the config differs from the one of {checkpoint} in: {', '.join(differing)}"
+    if not force:
+        raise UserError(f"{message}; resuming would not continue the same run (--force resumes anyway)")
+    warnings.warn(f"{message}; resuming anyway (--force)", stacklevel=2)
 
 
 def stages(session: Session, prompt_sets: list[PromptSet]):

@@ -3,6 +3,7 @@ resumable stream of prompt batches shared out across processes."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,13 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenised prompts and their tasks: a resumed run must see the same data."""
+        digest = hashlib.sha256()
+        for ids, task in zip(self.ids, self.task, strict=True):
+            digest.update(f"{task}:{','.join(map(str, ids))};".encode())
+        return digest.hexdigest()
 
     @staticmethod
     def concat(sets: list[PromptSet]) -> PromptSet:

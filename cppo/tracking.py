@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from datetime import timedelta
@@ -23,13 +24,27 @@ class Tracker:
         self.output_dir = Path(config.output_dir)
         self.enabled = accelerator.is_main_process
         self._started = False
+        self.run_id: str | None = None
+
+    def resume(self, run_id: str, step: int | None) -> None:
+        """Log under `run_id` (a resumed run continues its wandb run); when resuming from `step`, drop
+        the metrics lines written after it, so the replayed steps are neither missing nor doubled."""
+        self.run_id = run_id
+        path = self.output_dir / "metrics.jsonl"
+        if step is None or not self.enabled or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
 
     def _start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(self.config, self.output_dir / "config.yaml")
         if self.config.report_to:
             run_name = self.config.run_name or self.output_dir.name
-            init_kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir)}}
+            init_kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir), "id": self.run_id,
+                                     "resume": "allow"}}
             self.accelerator.init_trackers(self.config.project, config=_flatten(self.config.to_dict()),
                                            init_kwargs=init_kwargs)
         self._started = True

@@ -10,12 +10,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 
 from . import core
-from .config import Config
+from .checkpoint import failpoint, restore_rng, rng_state
+from .config import Config, UserError
 from .data import PromptStream, left_pad
 from .models import ActorCritic, load_frozen, load_policy, load_value_model
 from .rewards import RunningMoments, process_scores
@@ -99,17 +103,23 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------ the loop
 
-    def train(self) -> dict[str, float]:
-        """Run the stage's remaining steps, then save its final policy and critic."""
+    @property
+    def global_step(self) -> int:
+        return self.stage.step_offset + self.step_in_stage
+
+    def train(self, after_step=None) -> dict[str, float]:
+        """Run the stage's remaining steps, then save its final policy and critic. `after_step(trainer)`
+        is called after each logged step (the runner's checkpointing and preemption)."""
         stats: dict[str, float] = {}
         stage = self.stage
         with self.tracker.progress(stage.steps, self.step_in_stage, stage.name) as progress:
             while self.step_in_stage < stage.steps:
                 stats = self.step()
                 self.step_in_stage += 1
-                self.tracker.log({"task": stage.name, "task_step": self.step_in_stage, **stats},
-                                 stage.step_offset + self.step_in_stage)
+                self.tracker.log({"task": stage.name, "task_step": self.step_in_stage, **stats}, self.global_step)
                 progress.update(self.step_in_stage, stats)
+                if after_step is not None:
+                    after_step(self)
         self.save_models(stage.output_dir)
         return stats
 
@@ -125,6 +135,7 @@ class PPOTrainer:
         if self.config.ppo.whiten_advantages:
             batch.advantages = self.whiten(batch.advantages, batch.response_mask)
         weight_stats = self.prepare_losses(batch, kl)
+        failpoint(f"step:{self.global_step + 1}:mid")
         train_start = time.perf_counter()
         train_stats = self.optimise(batch)
         sequence_kl = (kl * batch.response_mask).sum(-1)
@@ -345,6 +356,54 @@ class PPOTrainer:
         stats.update({"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
                       "value/clipfrac": vf_stats["clipfrac"]})
         return loss, stats
+
+    # ----------------------------------------------------------------------------- checkpointing
+
+    def save_state(self, directory: Path) -> dict:
+        """Write this process's part of a mid-stage checkpoint into `directory` (every process calls
+        it); return the JSON part of the state."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            trainable = {name: p.detach().cpu().contiguous() for name, p in self.unwrapped.named_parameters()
+                         if p.requires_grad}
+            save_file(trainable, directory / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        torch.save(rng_state(self.shuffle_generator), directory / f"rng_{acc.process_index}.pt")
+        return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef,
+                "score_moments": [m.state_dict() for m in self.score_moments],
+                "prompt_stream": {**self.prompt_stream.state_dict(), "task": self.stage.name,
+                                  "fingerprint": self.stage.prompts.fingerprint()},
+                "processes": acc.num_processes}
+
+    def load_state(self, directory: Path, state: dict, force: bool = False) -> None:
+        """Continue exactly where `save_state` left off: weights, optimiser, schedule, RNG, data position."""
+        acc = self.accelerator
+        stream = state["prompt_stream"]
+        if stream["task"] != self.stage.name:
+            raise UserError(f"checkpoint {directory} is of task {stream['task']!r}, not {self.stage.name!r}")
+        if stream["fingerprint"] != self.stage.prompts.fingerprint():
+            if not force:
+                raise UserError(f"the prompts of task {self.stage.name!r} changed since {directory} was written "
+                                "(resuming would skip or repeat samples); --force resumes anyway")
+            warnings.warn(f"resuming task {self.stage.name!r} on changed prompts (--force)", stacklevel=2)
+        if state["processes"] != acc.num_processes:
+            raise UserError(f"checkpoint {directory} was written by {state['processes']} processes; resume with "
+                            f"the same number (got {acc.num_processes})")
+        weights = load_file(directory / "trainable.safetensors")
+        with torch.no_grad():
+            for name, p in self.unwrapped.named_parameters():
+                if p.requires_grad:
+                    p.copy_(weights[name])
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
+                                                  weights_only=False))
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+        restore_rng(torch.load(directory / f"rng_{acc.process_index}.pt", weights_only=False),
+                    self.shuffle_generator)
+        self.step_in_stage, self.kl_coef = state["step_in_stage"], state["kl_coef"]
+        for moments, saved in zip(self.score_moments, state["score_moments"], strict=True):
+            moments.load_state_dict(saved)
+        self.prompt_stream.load_state_dict(stream)
 
     # --------------------------------------------------------------------------------- reporting
 
