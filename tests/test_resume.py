@@ -1,0 +1,185 @@
+"""Exact resume: a run killed anywhere and resumed ends bit-identical to one that ran straight."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import PYTHON, ROOT, subprocess_env
+from safetensors.torch import load_file
+
+CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
+# Two tasks of 8 steps, a checkpoint every 3 steps (and at each task end).
+SETTINGS = ["tasks.0.steps=8", "tasks.1.steps=8", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+            "ppo.ppo_epochs=2", "generation.max_new_tokens=8", "eval.max_prompts=16", "save_steps=3",
+            "save_total_limit=null", "continual.regularizer=ewc", "continual.importance_samples=4",
+            "tasks.0.reward.normalize=running"]
+MODELS = ["task_1_vowels/policy", "task_1_vowels/value_model", "task_2_digits/policy", "task_2_digits/value_model"]
+
+
+def train(out, *extra, env_extra=None, check=True):
+    env = subprocess_env()
+    env.update(env_extra or {})
+    result = subprocess.run([PYTHON, "-m", "cppo", "train", CONTINUAL, f"output_dir={out}", *SETTINGS, *extra],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def steps_without_timing(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_s"} for row in rows]
+
+
+def assert_identical(straight, resumed):
+    for name in MODELS:
+        a, b = load_file(straight / name / "model.safetensors"), load_file(resumed / name / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
+    assert steps_without_timing(straight) == steps_without_timing(resumed)
+    assert json.loads((straight / "eval_matrix.json").read_text()) == json.loads(
+        (resumed / "eval_matrix.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(out)
+    rows = steps_without_timing(out)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failpoint", [
+    "step:5:mid",  # between the rollout and the update of a step
+    "checkpoint:step_00000006:before_rename",  # a checkpoint fully written but not yet in place
+    "task_end:vowels",  # task 1 trained, saved and evaluated; its task-end checkpoint not written
+    "step:10:mid",  # in task 2, after a task boundary
+])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, straight, failpoint):
+    out = tmp_path / "run"
+    killed = train(out, env_extra={"CPPO_FAILPOINT": failpoint}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # the killed run's staging directory is never taken for a checkpoint
+    assert all(not p.name.startswith(".staging") for p in (out / "checkpoints").iterdir()
+               if p.name.startswith("step_"))
+    resumed = train(out, "--resume")
+    assert "after digits" in resumed.stdout
+    assert_identical(straight, out)
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight):
+    out = tmp_path / "run"
+    train(out, env_extra={"CPPO_FAILPOINT": "step:11:mid"}, check=False)
+    newest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert newest.name == "step_00000009"
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    resumed = train(out, "--resume")
+    assert "skipping corrupt checkpoint" in resumed.stderr and "step_00000009" in resumed.stderr
+    assert_identical(straight, out)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, straight):
+    out = tmp_path / "run"
+    env = subprocess_env()
+    process = subprocess.Popen([PYTHON, "-m", "cppo", "train", CONTINUAL, f"output_dir={out}", *SETTINGS],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Resume with: cppo train <config> --resume" in stderr
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 4 <= stopped_at < 16
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()  # saved right after the current step
+    train(out, "--resume")
+    assert_identical(straight, out)
+
+
+def test_changed_config_is_refused_unless_forced(tmp_path):
+    out = tmp_path / "run"
+    train(out, "tasks.0.steps=2", "tasks.1.steps=2", "save_steps=1", env_extra={"CPPO_FAILPOINT": "step:2:mid"},
+          check=False)
+    refused = train(out, "tasks.0.steps=2", "tasks.1.steps=2", "save_steps=1", "ppo.learning_rate=1e-3",
+                    "seed=7", "--resume", check=False)
+    assert refused.returncode == 2
+    line = [x for x in refused.stderr.splitlines() if x.startswith("cppo: error:")]
+    assert len(line) == 1 and "ppo.learning_rate" in line[0] and "seed" in line[0] and "--force" in line[0]
+    # reporting and saving fields may change
+    train(out, "tasks.0.steps=2", "tasks.1.steps=2", "save_steps=2", "logging_steps=5", "--resume",
+          env_extra={"CPPO_FAILPOINT": "step:3:mid"}, check=False)
+    forced = train(out, "tasks.0.steps=2", "tasks.1.steps=2", "ppo.learning_rate=1e-3", "--resume", "--force")
+    assert "ppo.learning_rate" in forced.stderr and "--force" in forced.stderr
+    assert (out / "summary.json").is_file()
+
+
+def test_resume_errors(tmp_path):
+    out = tmp_path / "run"
+    nothing = train(out, "--resume", check=False)
+    assert nothing.returncode == 2 and "no checkpoint to resume from" in nothing.stderr
+    train(out, "tasks.0.steps=1", "tasks.1.steps=1", env_extra={"CPPO_FAILPOINT": "task_end:digits"}, check=False)
+    for checkpoint in (out / "checkpoints").glob("step_*"):
+        (checkpoint / "manifest.json").write_text("not json")
+    broken = train(out, "tasks.0.steps=1", "tasks.1.steps=1", "--resume", check=False)
+    assert broken.returncode == 2 and "no valid checkpoint" in broken.stderr
+    missing = train(out, "--resume", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 2 and "checkpoint directory not found" in missing.stderr
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path):
+    out = tmp_path / "run"
+    train(out, "tasks.0.steps=4", "tasks.1.steps=4", "save_steps=1", "save_total_limit=2")
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step_00000007", "step_00000008"]
+    assert (out / "task_1_vowels" / "policy" / "config.json").is_file()  # task-end policies stay
+
+
+def test_wandb_run_continues_after_resume(tmp_path):
+    out = tmp_path / "run"
+    extra = ["tasks.0.steps=2", "tasks.1.steps=2", "save_steps=1", "report_to=[wandb]"]
+    env = {"WANDB_MODE": "offline"}
+    train(out, *extra, env_extra={**env, "CPPO_FAILPOINT": "step:3:mid"}, check=False)
+    train(out, *extra, "--resume", env_extra=env)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    assert [r["step"] for r in steps_without_timing(out)] == [1, 2, 3, 4]
+
+
+def test_fresh_run_in_a_used_directory_starts_over(tmp_path):
+    out = tmp_path / "run"
+    train(out, "tasks.0.steps=1", "tasks.1.steps=1")
+    again = train(out, "tasks.0.steps=1", "tasks.1.steps=1")
+    assert "holds an earlier run's checkpoints; starting over" in again.stderr
+    assert [r["step"] for r in steps_without_timing(out)] == [1, 2]
+
+
+def test_checkpoint_files_and_manifest(tmp_path):
+    from cppo.checkpoint import verify
+
+    out = tmp_path / "run"
+    train(out, "tasks.0.steps=2", "tasks.1.steps=2", "save_steps=1", env_extra={"CPPO_FAILPOINT": "step:2:mid"},
+          check=False)
+    checkpoint = out / "checkpoints" / "step_00000001"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_0.pt", "regularizer.pt", "state.json",
+            "manifest.json"} <= names
+    assert verify(checkpoint) is None
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["global_step"] == 1 and state["stage_index"] == 0 and not state["stage_complete"]
+    assert state["trainer"]["prompt_stream"]["task"] == "vowels" and len(state["trainer"]["prompt_stream"][
+        "fingerprint"]) == 64
+    assert state["matrix"]["row_names"] == ["initial"]
+    (checkpoint / "state.json").write_text(" " + (checkpoint / "state.json").read_text())
+    assert "state.json does not match" in verify(checkpoint)
+    assert os.path.exists(out / "task_1_vowels") is False  # killed before the first task ended
