@@ -374,6 +374,8 @@ class PPOTrainer:
                 "score_moments": [m.state_dict() for m in self.score_moments],
                 "prompt_stream": {**self.prompt_stream.state_dict(), "task": self.stage.name,
                                   "fingerprint": self.stage.prompts.fingerprint()},
+                # π_{t−1} and the KL reference by reference: the saved policy directories they load from.
+                "start_policy": self.stage.policy, "reference": self.stage.reference,
                 "processes": acc.num_processes}
 
     def load_state(self, directory: Path, state: dict, force: bool = False) -> None:
@@ -387,6 +389,9 @@ class PPOTrainer:
                 raise UserError(f"the prompts of task {self.stage.name!r} changed since {directory} was written "
                                 "(resuming would skip or repeat samples); --force resumes anyway")
             warnings.warn(f"resuming task {self.stage.name!r} on changed prompts (--force)", stacklevel=2)
+        for name in ("start_policy", "reference"):
+            if Path(state[name]).is_absolute() and not Path(state[name]).exists():
+                raise UserError(f"checkpoint {directory} needs {state[name]} ({name}), which no longer exists")
         if state["processes"] != acc.num_processes:
             raise UserError(f"checkpoint {directory} was written by {state['processes']} processes; resume with "
                             f"the same number (got {acc.num_processes})")
