@@ -27,6 +27,15 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import DemoSizes, run_demo
+
+    run_demo(Path(args.output_dir), DemoSizes.quick() if args.quick else DemoSizes(), args.seed)
+    return 0
+
+
 def build_tiny(args: argparse.Namespace) -> int:
     from .models import build_tiny_gpt2
 
@@ -46,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true",
                    help="resume even if result-changing config fields or the prompts differ (with a warning)")
     p.set_defaults(run=train)
+    p = commands.add_parser("demo", help="the whole pipeline offline on CPU: data, SFT, reward models, "
+                                         "PPO and CPPO over three domains, report")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
+    p.set_defaults(run=demo)
     p = commands.add_parser("build-tiny", help="write a tiny offline GPT-2 and its tokenizer to a directory")
     p.add_argument("out_dir")
     p.set_defaults(run=build_tiny)
@@ -53,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading/saving bars would bury the training progress
+    import datasets
+
+    datasets.disable_progress_bars()
     try:
         return args.run(args)
     except UserError as e:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import random
 
-_SUBJECTS = ["the cat", "a river", "my friend", "the old town", "a small robot", "the garden", "our team",
+SUBJECTS = ["the cat", "a river", "my friend", "the old town", "a small robot", "the garden", "our team",
              "the night sky", "a quiet street", "the market", "this song", "the winter", "a letter", "the map"]
-_FRAMES = ["tell me about {}:", "describe {}:", "a story of {}:", "write on {}:", "notes on {}:", "why {}?"]
+FRAMES = ["tell me about {}:", "describe {}:", "a story of {}:", "write on {}:", "notes on {}:", "why {}?"]
 
 
 def toy_prompts(n: int = 512, seed: int = 0) -> list[str]:
     """`n` short English-like prompts, the same for the same seed."""
     rng = random.Random(seed)
-    return [rng.choice(_FRAMES).format(rng.choice(_SUBJECTS)) for _ in range(n)]
+    return [rng.choice(FRAMES).format(rng.choice(SUBJECTS)) for _ in range(n)]
 
 
 def vowel_fraction(prompts: list[str], completions: list[str]) -> list[float]:

@@ -95,12 +95,20 @@ def heuristic_weights(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float
     if stats.degenerate:
         return ones.float(), ones.float(), torch.full_like(ones, NORMAL, dtype=torch.long)
     u, v = normalised_coordinates(logprob_mean, reward, k, stats)
+    alpha, beta, types = weights_at(u, v, lb, ub, mode)
+    return alpha.float(), beta.float(), types
+
+
+def weights_at(u: torch.Tensor, v: torch.Tensor, lb: float, ub: float,
+               mode: str = "heuristic") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """α, β and the type at normalised coordinates (u, v) (SPEC §4 tables): the weight surfaces."""
     types = _types_from_coordinates(u, v)
+    ones = torch.ones_like(u)
     if mode == "balance":
         table = torch.tensor([[1.0, 1.0], [ub, ub], [ub, lb], [ub, lb], [lb, lb], [1.0, 1.0]],
-                             dtype=torch.float64, device=u.device)
+                             dtype=u.dtype, device=u.device)
         alpha, beta = table[types].unbind(-1)
-        return alpha.float(), beta.float(), types
+        return alpha, beta, types
     up_u, up_v = u.clamp(max=ub), v.clamp(max=ub)
     rows = {  # type: (α, β)
         HIGH_PERFORMANCE: (up_u, up_v),
@@ -112,7 +120,7 @@ def heuristic_weights(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float
     for kind, (a, b) in rows.items():
         where = types == kind
         alpha, beta = torch.where(where, a, alpha), torch.where(where, b, beta)
-    return alpha.float(), beta.float(), types
+    return alpha, beta, types
 
 
 # Coefficients of each type's group mean in the τ-bracket of L_coef (SPEC §4), index 1..5:

@@ -338,3 +338,40 @@ def test_stage_lineage(tmp_path, algo, kl_reference, regularizer, expect_anchor)
         assert second.reference == session.initial_policy and second.anchor == second.policy
     else:
         assert second.reference == second.policy and second.anchor is None
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([PYTHON, "-m", "cppo", "demo", "--quick", "--output-dir", str(out)], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("sky", "ledger", "forest", "reference"):
+        assert f"reward model {name}: held-out pairwise accuracy" in result.stdout
+    report = (out / "report" / "report.md").read_text()
+    for png in ("reward_curves.png", "eval_matrices.png", "forgetting_plasticity.png", "types_cppo.png",
+                "weight_surfaces.png"):
+        assert (out / "report" / png).stat().st_size > 1000 and png in report
+    for method in ("ppo", "cppo"):
+        matrix = json.loads((out / "runs" / method / "eval_matrix.json").read_text())
+        assert len(matrix["scores"]["reward"]) == 4 and len(matrix["scores"]["reward"][0]) == 3
+    assert "| ppo |" in result.stdout and "| cppo |" in result.stdout
+    # a second run reuses the data, the SFT model and the reward models
+    again = subprocess.run([PYTHON, "-m", "cppo", "demo", "--quick", "--output-dir", str(tmp_path / "demo2")],
+                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count(": cached (") == 6
+
+
+def test_demo_data_follows_the_hidden_rules():
+    from cppo.demo import DOMAINS, DemoSizes, make_data
+
+    sizes = DemoSizes.quick()
+    data = make_data(sizes, seed=0)
+    for domain in DOMAINS:
+        pairs = data["pairs"][domain.name]["train"]
+        agree = sum(domain.score(p["chosen"]) > domain.score(p["rejected"]) for p in pairs) / len(pairs)
+        assert 0.85 < agree < 1.0  # the rule, with a little annotator noise
+        assert all(abs(domain.score(p["chosen"]) - domain.score(p["rejected"])) >= sizes.min_margin for p in pairs)
+        assert all(p["prompt"].startswith(f"{domain.name}: ") for p in pairs)
+    assert len(data["sft"]) == sizes.sft_examples
+    assert make_data(sizes, seed=0) == data  # deterministic

@@ -1,0 +1,164 @@
+"""CPPO against its baselines on the demo's three-domain stream: methods × seeds, mean ± 95% CI.
+
+Protocol. The demo's artifacts (data, SFT policy, reward models, reference PM) are built once with
+seed 0 and shared. Each method's one coefficient (kr_coef for CPPO variants, reg_coef for L2, EWC,
+MAS and LwF) is chosen on TUNING seeds, disjoint from the REPORTED seeds, from the same grid size for
+every method, by final average; PPO and the joint reference have nothing to tune. Every run is a
+separate `cppo train` process on a config written to the results directory.
+
+    python scripts/benchmark_continual.py --tune --out docs/results/continual   # tuning, then the table
+    python scripts/benchmark_continual.py --out docs/results/continual --methods ppo cppo_heuristic
+
+Writes <out>/results.json (every run's summary and the choices made) and <out>/results.md (the table,
+the command, versions and wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cppo.demo import DemoSizes, build_artifacts, continual_config  # noqa: E402
+
+# method → (overrides, the tuned coefficient's name or None)
+METHODS = {
+    "ppo": (["algo=ppo"], None),
+    "cppo_heuristic": (["algo=cppo", "cppo.weighting=heuristic"], "cppo.kr_coef"),
+    "cppo_balance": (["algo=cppo", "cppo.weighting=balance"], "cppo.kr_coef"),
+    "cppo_learned": (["algo=cppo", "cppo.weighting=learned"], "cppo.kr_coef"),
+    "cppo_alpha_one": (["algo=cppo", "cppo.ablation=alpha_one"], "cppo.kr_coef"),
+    "cppo_beta_one": (["algo=cppo", "cppo.ablation=beta_one"], "cppo.kr_coef"),
+    "cppo_beta_zero": (["algo=cppo", "cppo.ablation=beta_zero"], None),  # no KR term: nothing to tune
+    "cppo_kr_rollout": (["algo=cppo", "cppo.kr_anchor=rollout"], "cppo.kr_coef"),
+    "l2": (["algo=ppo", "continual.regularizer=l2"], "continual.reg_coef"),
+    "ewc": (["algo=ppo", "continual.regularizer=ewc"], "continual.reg_coef"),
+    "mas": (["algo=ppo", "continual.regularizer=mas"], "continual.reg_coef"),
+    "lwf": (["algo=ppo", "continual.regularizer=lwf"], "continual.reg_coef"),
+    "joint": (["algo=ppo", "continual.schedule=joint"], None),
+}
+GRIDS = {"cppo.kr_coef": [0.01, 0.03, 0.1], "continual.reg_coef": [0.01, 0.1, 1.0]}
+DEFAULTS = {"cppo.kr_coef": 0.03, "continual.reg_coef": 0.1}
+KEYS = ("final_average", "forgetting", "bwt", "plasticity")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, steps: int,
+             overrides: list[str]) -> dict:
+    """One `cppo train` process of `method` (with `overrides`), named `label`; its summary."""
+    run_dir = out / "runs" / f"{label}-seed{seed}"
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():  # finished before: resumable benchmark
+        return json.loads(summary_path.read_text())
+    base, _ = METHODS[method]
+    config = continual_config(artifacts, run_dir, "ppo", seed, steps, [*base, *overrides])
+    config_path = out / "configs" / f"{label}-seed{seed}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "cppo", "train", str(config_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{method} seed {seed} failed:\n{result.stderr[-3000:]}")
+    return json.loads(summary_path.read_text())
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="reported seeds")
+    parser.add_argument("--tune", action="store_true", help="choose each coefficient on the tuning seeds first")
+    parser.add_argument("--tuning-seeds", nargs="+", type=int, default=[101, 102])
+    parser.add_argument("--steps", type=int, default=DemoSizes().steps_per_task, help="PPO steps per task")
+    parser.add_argument("--out", default="docs/results/continual")
+    args = parser.parse_args()
+    if set(args.seeds) & set(args.tuning_seeds):
+        raise SystemExit("reported and tuning seeds must be disjoint")
+
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = build_artifacts(DemoSizes(), 0, print)
+    chosen, tuning = {}, {}
+    for method in args.methods:
+        _, knob = METHODS[method]
+        if knob is None:
+            continue
+        if not args.tune:
+            chosen[method] = DEFAULTS[knob]
+            continue
+        scores = {}
+        for value in GRIDS[knob]:
+            finals = [run_once(artifacts, out / "tuning", method, f"{method}-{knob.split('.')[-1]}{value}", seed,
+                               args.steps, [f"{knob}={value}"])["reward"]["final_average"]
+                      for seed in args.tuning_seeds]
+            scores[value] = statistics.fmean(finals)
+            print(f"tuning {method}: {knob}={value} final average {scores[value]:.4f}", flush=True)
+        chosen[method] = max(scores, key=scores.get)
+        tuning[method] = {"knob": knob, "scores": scores, "chosen": chosen[method]}
+
+    results = {}
+    for method in args.methods:
+        _, knob = METHODS[method]
+        extra = [f"{knob}={chosen[method]}"] if knob else []
+        summaries = [run_once(artifacts, out, method, method, seed, args.steps, extra) for seed in args.seeds]
+        results[method] = {"overrides": METHODS[method][0] + extra, "runs": summaries}
+        print(f"{method}: " + ", ".join(f"{k} {statistics.fmean(s['reward'][k] for s in summaries):+.4f}"
+                                        for k in KEYS), flush=True)
+
+    import torch
+    import transformers
+    import trl
+
+    wall = time.time() - started
+    meta = {"command": " ".join(["python", *sys.argv]), "seeds": args.seeds, "tuning_seeds": args.tuning_seeds,
+            "steps_per_task": args.steps, "wall_time_s": round(wall), "tuning": tuning, "chosen": chosen,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "trl": trl.__version__},
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    lines = ["# Continual benchmark on the demo stream (sky → ledger → forest)", "",
+             f"Command: `{meta['command']}`  ", f"Versions: {meta['versions']}; {meta['machine']}  ",
+             f"Wall time: {wall / 60:.1f} min. Reported seeds {args.seeds}; tuning seeds {args.tuning_seeds}.", "",
+             "Mean ± 95% CI (t) over the reported seeds of the reference PM's reward metrics (SPEC §7).", "",
+             "| method | " + " | ".join(KEYS) + " | tuned |", "|---|" + "---|" * (len(KEYS) + 1)]
+    for method, entry in results.items():
+        cells = []
+        for key in KEYS:
+            values = [s["reward"][key] for s in entry["runs"] if s["reward"].get(key) is not None]
+            if not values:
+                cells.append("–")
+                continue
+            mean, half = mean_ci(values)
+            cells.append(f"{mean:+.3f} ± {half:.3f}")
+        knob = METHODS[method][1]
+        lines.append(f"| {method} | " + " | ".join(cells) + (f" | {knob}={chosen[method]} |" if knob else " | – |"))
+    if tuning:
+        lines += ["", "Tuning (mean final average over the tuning seeds):", ""]
+        lines += [f"- {m}: " + ", ".join(f"{t['knob']}={v}: {s:.4f}" for v, s in t["scores"].items())
+                  + f" → {t['chosen']}" for m, t in tuning.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+
+if __name__ == "__main__":
+    main()
