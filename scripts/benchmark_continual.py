@@ -10,7 +10,7 @@ separate `cppo train` process on a config written to the results directory.
     python scripts/benchmark_continual.py --out docs/results/continual --methods ppo cppo_heuristic
 
 Writes <out>/results.json (every run's summary and the choices made) and <out>/results.md (the table,
-the command, versions and wall time).
+the command, versions and wall time); the runs themselves go to --work.
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, steps: int,
              overrides: list[str]) -> dict:
     """One `cppo train` process of `method` (with `overrides`), named `label`; its summary."""
-    run_dir = out / "runs" / f"{label}-seed{seed}"
+    run_dir = out / f"{label}-seed{seed}"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():  # finished before: resumable benchmark
         return json.loads(summary_path.read_text())
     base, _ = METHODS[method]
     config = continual_config(artifacts, run_dir, "ppo", seed, steps, [*base, *overrides])
-    config_path = out / "configs" / f"{label}-seed{seed}.yaml"
+    config_path = run_dir.with_suffix(".yaml")
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     result = subprocess.run([sys.executable, "-m", "cppo", "train", str(config_path)], cwd=ROOT,
@@ -88,13 +88,15 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="choose each coefficient on the tuning seeds first")
     parser.add_argument("--tuning-seeds", nargs="+", type=int, default=[101, 102])
     parser.add_argument("--steps", type=int, default=DemoSizes().steps_per_task, help="PPO steps per task")
-    parser.add_argument("--out", default="docs/results/continual")
+    parser.add_argument("--out", default="docs/results/continual", help="results.json and results.md")
+    parser.add_argument("--work", default="runs/benchmark_continual",
+                        help="the runs themselves (models, checkpoints); finished runs are reused")
     args = parser.parse_args()
     if set(args.seeds) & set(args.tuning_seeds):
         raise SystemExit("reported and tuning seeds must be disjoint")
 
     started = time.time()
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = build_artifacts(DemoSizes(), 0, print)
     chosen, tuning = {}, {}
@@ -107,7 +109,7 @@ def main() -> None:
             continue
         scores = {}
         for value in GRIDS[knob]:
-            finals = [run_once(artifacts, out / "tuning", method, f"{method}-{knob.split('.')[-1]}{value}", seed,
+            finals = [run_once(artifacts, work / "tuning", method, f"{method}-{knob.split('.')[-1]}{value}", seed,
                                args.steps, [f"{knob}={value}"])["reward"]["final_average"]
                       for seed in args.tuning_seeds]
             scores[value] = statistics.fmean(finals)
@@ -119,7 +121,7 @@ def main() -> None:
     for method in args.methods:
         _, knob = METHODS[method]
         extra = [f"{knob}={chosen[method]}"] if knob else []
-        summaries = [run_once(artifacts, out, method, method, seed, args.steps, extra) for seed in args.seeds]
+        summaries = [run_once(artifacts, work, method, method, seed, args.steps, extra) for seed in args.seeds]
         results[method] = {"overrides": METHODS[method][0] + extra, "runs": summaries}
         print(f"{method}: " + ", ".join(f"{k} {statistics.fmean(s['reward'][k] for s in summaries):+.4f}"
                                         for k in KEYS), flush=True)
