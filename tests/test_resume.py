@@ -183,3 +183,28 @@ def test_checkpoint_files_and_manifest(tmp_path):
     (checkpoint / "state.json").write_text(" " + (checkpoint / "state.json").read_text())
     assert "state.json does not match" in verify(checkpoint)
     assert os.path.exists(out / "task_1_vowels") is False  # killed before the first task ended
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(tmp_path):
+    """Under `accelerate launch` (gloo on CPU): each process's RNG and the gathered statistics resume."""
+    args = ["tasks.0.steps=2", "tasks.1.steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+            "eval.max_prompts=8", "save_steps=1", "continual.regularizer=ewc", "continual.importance_samples=4"]
+
+    def launch(out, *extra, failpoint=None):
+        env = subprocess_env()
+        if failpoint:
+            env["CPPO_FAILPOINT"] = failpoint
+        return subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                               "-m", "cppo", "train", CONTINUAL, f"output_dir={out}", *args, *extra], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert launch(straight).returncode == 0
+    assert launch(resumed, failpoint="step:3:mid").returncode != 0
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    assert launch(resumed, "--resume").returncode == 0
+    for name in ("task_2_digits/policy", "task_2_digits/value_model"):
+        a, b = load_file(straight / name / "model.safetensors"), load_file(resumed / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert steps_without_timing(straight) == steps_without_timing(resumed)
