@@ -73,6 +73,12 @@ def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, ste
     return json.loads(summary_path.read_text())
 
 
+def label(method: str, value: float | None) -> str:
+    """A run's directory name: the method and its coefficient (runs are reused across invocations)."""
+    knob = METHODS[method][1]
+    return method if knob is None else f"{method}-{knob.split('.')[-1]}{value}"
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval."""
     mean = statistics.fmean(values)
@@ -109,9 +115,8 @@ def main() -> None:
             continue
         scores = {}
         for value in GRIDS[knob]:
-            finals = [run_once(artifacts, work / "tuning", method, f"{method}-{knob.split('.')[-1]}{value}", seed,
-                               args.steps, [f"{knob}={value}"])["reward"]["final_average"]
-                      for seed in args.tuning_seeds]
+            finals = [run_once(artifacts, work, method, label(method, value), seed, args.steps,
+                               [f"{knob}={value}"])["reward"]["final_average"] for seed in args.tuning_seeds]
             scores[value] = statistics.fmean(finals)
             print(f"tuning {method}: {knob}={value} final average {scores[value]:.4f}", flush=True)
         chosen[method] = max(scores, key=scores.get)
@@ -121,7 +126,8 @@ def main() -> None:
     for method in args.methods:
         _, knob = METHODS[method]
         extra = [f"{knob}={chosen[method]}"] if knob else []
-        summaries = [run_once(artifacts, work, method, method, seed, args.steps, extra) for seed in args.seeds]
+        name = label(method, chosen.get(method))
+        summaries = [run_once(artifacts, work, method, name, seed, args.steps, extra) for seed in args.seeds]
         results[method] = {"overrides": METHODS[method][0] + extra, "runs": summaries}
         print(f"{method}: " + ", ".join(f"{k} {statistics.fmean(s['reward'][k] for s in summaries):+.4f}"
                                         for k in KEYS), flush=True)
