@@ -50,17 +50,18 @@ METHODS = {
 }
 GRIDS = {"cppo.kr_coef": [0.01, 0.03, 0.1], "continual.reg_coef": [0.01, 0.1, 1.0]}
 DEFAULTS = {"cppo.kr_coef": 0.03, "continual.reg_coef": 0.1}
-KEYS = ("final_average", "forgetting", "bwt", "plasticity")
+KEYS = ("final_average", "forgetting", "bwt", "plasticity", "task1_gain_lost")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, steps: int,
              overrides: list[str]) -> dict:
-    """One `cppo train` process of `method` (with `overrides`), named `label`; its summary."""
+    """One `cppo train` process of `method` (with `overrides`), named `label`: its summary, with the
+    share of the first task's gain lost by the end of the stream."""
     run_dir = out / f"{label}-seed{seed}"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():  # finished before: resumable benchmark
-        return json.loads(summary_path.read_text())
+        return _with_gain_lost(run_dir)
     base, _ = METHODS[method]
     config = continual_config(artifacts, run_dir, "ppo", seed, steps, [*base, *overrides])
     config_path = run_dir.with_suffix(".yaml")
@@ -70,7 +71,16 @@ def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, ste
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{method} seed {seed} failed:\n{result.stderr[-3000:]}")
-    return json.loads(summary_path.read_text())
+    return _with_gain_lost(run_dir)
+
+
+def _with_gain_lost(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    S = json.loads((run_dir / "eval_matrix.json").read_text())["scores"]["reward"]
+    if len(S) == len(S[0]) + 1:  # sequential: (S[1][1] − S[T][1]) / (S[1][1] − S[0][1])
+        gain = S[1][0] - S[0][0]
+        summary["reward"]["task1_gain_lost"] = (S[1][0] - S[-1][0]) / gain if gain > 0 else None
+    return summary
 
 
 def label(method: str, value: float | None) -> str:
@@ -130,7 +140,7 @@ def main() -> None:
         summaries = [run_once(artifacts, work, method, name, seed, args.steps, extra) for seed in args.seeds]
         results[method] = {"overrides": METHODS[method][0] + extra, "runs": summaries}
         print(f"{method}: " + ", ".join(f"{k} {statistics.fmean(s['reward'][k] for s in summaries):+.4f}"
-                                        for k in KEYS), flush=True)
+                                        for k in KEYS if summaries[0]["reward"].get(k) is not None), flush=True)
 
     import torch
     import transformers
@@ -146,7 +156,8 @@ def main() -> None:
     lines = ["# Continual benchmark on the demo stream (sky → ledger → forest)", "",
              f"Command: `{meta['command']}`  ", f"Versions: {meta['versions']}; {meta['machine']}  ",
              f"Wall time: {wall / 60:.1f} min. Reported seeds {args.seeds}; tuning seeds {args.tuning_seeds}.", "",
-             "Mean ± 95% CI (t) over the reported seeds of the reference PM's reward metrics (SPEC §7).", "",
+             "Mean ± 95% CI (t) over the reported seeds of the reference PM's reward metrics "
+             "(`cppo/metrics.py`); task1_gain_lost = (S[1][1] − S[T][1]) / (S[1][1] − S[0][1]).", "",
              "| method | " + " | ".join(KEYS) + " | tuned |", "|---|" + "---|" * (len(KEYS) + 1)]
     for method, entry in results.items():
         cells = []
