@@ -158,7 +158,7 @@ def main() -> None:
              f"Wall time: {wall / 60:.1f} min. Reported seeds {args.seeds}; tuning seeds {args.tuning_seeds}.", "",
              "Mean ± 95% CI (t) over the reported seeds of the reference PM's reward metrics "
              "(`cppo/metrics.py`); task1_gain_lost = (S[1][1] − S[T][1]) / (S[1][1] − S[0][1]).", "",
-             "| method | " + " | ".join(KEYS) + " | tuned |", "|---|" + "---|" * (len(KEYS) + 1)]
+             "| method | " + " | ".join(KEYS) + " | coefficient |", "|---|" + "---|" * (len(KEYS) + 1)]
     for method, entry in results.items():
         cells = []
         for key in KEYS:
