@@ -7,6 +7,7 @@ task's evaluation set is scored, appending a row to S. Row 0 is the initial mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -176,14 +177,20 @@ class Checkpointer:
         self.final_stats: dict = {}
         self.stop_requested = False  # set by SIGTERM / SIGINT
 
-    def install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def signal_handlers(self):
+        """SIGTERM and SIGINT ask for a stop at the end of the current step, while the run lasts."""
         def request_stop(signum, frame):
             if self.stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C stops at once
             self.stop_requested = True
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _stop_everywhere(self) -> bool:
         """Whether any process was asked to stop (all processes must save and leave together)."""
@@ -250,33 +257,33 @@ def run(config: Config, resume: str | None = None, force: bool = False) -> dict:
                               session.tokenizer.pad_token_id).to(acc.device)
         matrix.append("initial", evaluator.evaluate(initial))
         del initial
-    checkpointer.install_signal_handlers()
     last_dir = None
-    try:
-        for index, stage in enumerate(stages(session, prompt_sets)):
-            checkpointer.stage_index, last_dir = index, stage.output_dir
-            if state is not None and (index < state["stage_index"] or
-                                      (index == state["stage_index"] and state["stage_complete"])):
-                continue  # trained before the checkpoint
-            trainer = trainer_class(config)(session, stage, regularizer)
-            if state is not None and index == state["stage_index"]:
-                trainer.load_state(checkpoint, state["trainer"], force)
-            checkpointer.final_stats = trainer.train(checkpointer.after_step)
-            if regularizer is not None:
-                regularizer.task_end(trainer)
-            if evaluator.sets:
-                matrix.append(f"after {stage.name}", evaluator.evaluate(trainer.unwrapped.policy))
-                matrix.write(acc)
-                session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
-            failpoint(f"task_end:{stage.name}")
-            checkpointer.save(trainer.global_step, stage_complete=True)
-            del trainer
-    except Preempted as stop:
-        if acc.is_main_process:
-            print(f"stopped by a signal; checkpoint {stop.checkpoint}. Resume with: "
-                  f"cppo train <config> --resume", file=sys.stderr, flush=True)
-        session.tracker.finish()
-        return {"preempted": str(stop.checkpoint), "final_stats": checkpointer.final_stats}
+    with checkpointer.signal_handlers():
+        try:
+            for index, stage in enumerate(stages(session, prompt_sets)):
+                checkpointer.stage_index, last_dir = index, stage.output_dir
+                if state is not None and (index < state["stage_index"] or
+                                          (index == state["stage_index"] and state["stage_complete"])):
+                    continue  # trained before the checkpoint
+                trainer = trainer_class(config)(session, stage, regularizer)
+                if state is not None and index == state["stage_index"]:
+                    trainer.load_state(checkpoint, state["trainer"], force)
+                checkpointer.final_stats = trainer.train(checkpointer.after_step)
+                if regularizer is not None:
+                    regularizer.task_end(trainer)
+                if evaluator.sets:
+                    matrix.append(f"after {stage.name}", evaluator.evaluate(trainer.unwrapped.policy))
+                    matrix.write(acc)
+                    session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
+                failpoint(f"task_end:{stage.name}")
+                checkpointer.save(trainer.global_step, stage_complete=True)
+                del trainer
+        except Preempted as stop:
+            if acc.is_main_process:
+                print(f"stopped by a signal; checkpoint {stop.checkpoint}. Resume with: "
+                      f"cppo train <config> --resume", file=sys.stderr, flush=True)
+            session.tracker.finish()
+            return {"preempted": str(stop.checkpoint), "final_stats": checkpointer.final_stats}
     summary = {"final_stats": checkpointer.final_stats, **matrix.summary()}
     if acc.is_main_process:
         _link_final(out, last_dir)
