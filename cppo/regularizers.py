@@ -67,11 +67,12 @@ class ParameterPenalty(Regularizer):
             total = total + squared.sum()
         return 0.5 * total
 
+    # θ* is not state: every task start takes it from the policy it loads (π_{t−1}).
     def state_dict(self) -> dict:
-        return {"anchor": self.anchor, "importance": self.importance}
+        return {"importance": self.importance}
 
     def load_state_dict(self, state: dict) -> None:
-        self.anchor, self.importance = state["anchor"], state["importance"]
+        self.importance = state["importance"]
 
 
 class L2(ParameterPenalty):
