@@ -209,7 +209,8 @@ class Checkpointer:
     def save(self, global_step: int, trainer: PPOTrainer | None = None, stage_complete: bool = False) -> Path:
         acc = self.session.accelerator
         config = self.session.config
-        with CheckpointWriter(acc, config.output_dir, global_step) as directory:
+        writer = CheckpointWriter(acc, config.output_dir, global_step)
+        with writer as directory:
             state = {"global_step": global_step, "stage_index": self.stage_index, "stage_complete": stage_complete,
                      "matrix": {"row_names": self.matrix.row_names, "rows": self.matrix.rows},
                      "run_id": self.run_id, "final_stats": self.final_stats, "config": config.to_dict()}
@@ -222,7 +223,7 @@ class Checkpointer:
         if acc.is_main_process:
             prune(config.output_dir, config.save_total_limit)
         acc.wait_for_everyone()
-        return CheckpointWriter(acc, config.output_dir, global_step).final
+        return writer.final
 
 
 def run(config: Config, resume: str | None = None, force: bool = False) -> dict:
