@@ -64,6 +64,7 @@ class DemoSizes:
     test_pairs: int = 300
     label_noise: float = 0.05
     min_margin: float = 0.15
+    pair_concentration: float = 0.5
     sft_epochs: int = 2
     rm_epochs: int = 3
     steps_per_task: int = 40
@@ -74,12 +75,24 @@ class DemoSizes:
                          sft_epochs=1, rm_epochs=1, steps_per_task=4)
 
 
-def sample_answer(rng: random.Random) -> str:
-    """A short answer of 'words' mixing every class of character: neutral with respect to the rules."""
-    pools = [(_VOWELS, 0.2), (_DIGITS, 0.2), (_RSTLN, 0.2), (_NEUTRAL, 0.3), (" ", 0.1)]
-    chars, weights = zip(*pools, strict=True)
+_POOLS = (_VOWELS, _DIGITS, _RSTLN, _NEUTRAL, " ")
+_SFT_MIX = (0.2, 0.2, 0.2, 0.3, 0.1)
+
+
+def sample_answer(rng: random.Random, mix: tuple[float, ...] = _SFT_MIX) -> str:
+    """A short answer of 'words' drawn from the character classes with weights `mix`; the default mix
+    is neutral with respect to every rule (what the SFT corpus teaches)."""
     length = rng.randint(4, 12)
-    return "".join(rng.choice(rng.choices(chars, weights)[0]) for _ in range(length)).strip() or "a"
+    return "".join(rng.choice(rng.choices(_POOLS, mix)[0]) for _ in range(length)).strip() or "a"
+
+
+def sample_skewed_answer(rng: random.Random, concentration: float) -> str:
+    """An answer whose class mix is itself random (Dirichlet(`concentration`)): from neutral to almost
+    all vowels, all digits or all r/s/t/l/n. Preference pairs drawn this way cover the lopsided answers
+    a policy produces once optimised against a reward model, so the reward models and the reference
+    PM are trained where they will be queried, not only around the SFT distribution."""
+    weights = [rng.gammavariate(concentration, 1.0) for _ in _POOLS]
+    return sample_answer(rng, tuple(w + 1e-9 for w in weights))
 
 
 def sample_prompt(rng: random.Random, domain: Domain) -> str:
@@ -101,7 +114,7 @@ def make_data(sizes: DemoSizes, seed: int) -> dict:
         for split, count in (("train", sizes.train_pairs), ("test", sizes.test_pairs)):
             pairs = []
             while len(pairs) < count:
-                first, second = sample_answer(rng), sample_answer(rng)
+                first, second = (sample_skewed_answer(rng, sizes.pair_concentration) for _ in range(2))
                 a, b = domain.score(first), domain.score(second)
                 if abs(a - b) < sizes.min_margin:  # annotators label only clear differences
                     continue
@@ -208,7 +221,7 @@ def pairwise_accuracy(reward_dir: Path, pairs: list[dict]) -> float:
 
 def build_artifacts(sizes: DemoSizes, seed: int, log: Callable[[str], None]) -> dict:
     """Data, SFT policy, per-domain reward models and the reference PM (cached); RM accuracies."""
-    data_inputs = {"sizes": sizes.__dict__, "seed": seed, "version": 1}
+    data_inputs = {"sizes": sizes.__dict__, "seed": seed, "version": 2}
 
     def build_data(directory: Path) -> None:
         data = make_data(sizes, seed)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -55,7 +57,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, steps: int,
-             overrides: list[str]) -> dict:
+             overrides: list[str], threads: int | None = None) -> dict:
     """One `cppo train` process of `method` (with `overrides`), named `label`: its summary, with the
     share of the first task's gain lost by the end of the stream."""
     run_dir = out / f"{label}-seed{seed}"
@@ -64,14 +66,31 @@ def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, ste
         return _with_gain_lost(run_dir)
     base, _ = METHODS[method]
     config = continual_config(artifacts, run_dir, "ppo", seed, steps, [*base, *overrides])
-    config_path = run_dir.with_suffix(".yaml")
+    config_path = run_dir.parent / f"{run_dir.name}.yaml"  # not with_suffix: labels hold dots
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run([sys.executable, "-m", "cppo", "train", str(config_path)], cwd=ROOT,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{method} seed {seed} failed:\n{result.stderr[-3000:]}")
     return _with_gain_lost(run_dir)
+
+
+def run_many(artifacts: dict, out: Path, specs: list[tuple], steps: int, jobs: int) -> list[dict]:
+    """`run_once` for every (method, label, seed, overrides) in `specs`, `jobs` processes at a time,
+    the CPU's threads split between them; summaries in the order of `specs`."""
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_once, artifacts, out, method, name, seed, steps, overrides, threads)
+                   for method, name, seed, overrides in specs]
+        summaries = []
+        for spec, future in zip(specs, futures, strict=True):
+            summaries.append(future.result())
+            print(f"done: {spec[1]} seed {spec[2]}", flush=True)
+        return summaries
 
 
 def _with_gain_lost(run_dir: Path) -> dict:
@@ -105,6 +124,8 @@ def main() -> None:
     parser.add_argument("--tuning-seeds", nargs="+", type=int, default=[101, 102])
     parser.add_argument("--steps", type=int, default=DemoSizes().steps_per_task, help="PPO steps per task")
     parser.add_argument("--out", default="docs/results/continual", help="results.json and results.md")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (the CPU's threads are split between them)")
     parser.add_argument("--work", default="runs/benchmark_continual",
                         help="the runs themselves (models, checkpoints); finished runs are reused")
     args = parser.parse_args()
@@ -116,31 +137,31 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     artifacts = build_artifacts(DemoSizes(), 0, print)
     chosen, tuning = {}, {}
-    for method in args.methods:
-        _, knob = METHODS[method]
-        if knob is None:
-            continue
-        if not args.tune:
-            chosen[method] = DEFAULTS[knob]
-            continue
-        scores = {}
-        for value in GRIDS[knob]:
-            finals = [run_once(artifacts, work, method, label(method, value), seed, args.steps,
-                               [f"{knob}={value}"])["reward"]["final_average"] for seed in args.tuning_seeds]
-            scores[value] = statistics.fmean(finals)
-            print(f"tuning {method}: {knob}={value} final average {scores[value]:.4f}", flush=True)
-        chosen[method] = max(scores, key=scores.get)
-        tuning[method] = {"knob": knob, "scores": scores, "chosen": chosen[method]}
+    tuned = [m for m in args.methods if METHODS[m][1] is not None]
+    if args.tune:
+        specs = [(m, label(m, v), seed, [f"{METHODS[m][1]}={v}"])
+                 for m in tuned for v in GRIDS[METHODS[m][1]] for seed in args.tuning_seeds]
+        finals = iter(s["reward"]["final_average"] for s in run_many(artifacts, work, specs, args.steps, args.jobs))
+        for method in tuned:
+            knob = METHODS[method][1]
+            scores = {v: statistics.fmean(next(finals) for _ in args.tuning_seeds) for v in GRIDS[knob]}
+            chosen[method] = max(scores, key=scores.get)
+            tuning[method] = {"knob": knob, "scores": scores, "chosen": chosen[method]}
+            print(f"tuning {method}: " + ", ".join(f"{knob}={v} {x:.4f}" for v, x in scores.items())
+                  + f" → {chosen[method]}", flush=True)
+    else:
+        chosen = {m: DEFAULTS[METHODS[m][1]] for m in tuned}
 
+    specs = [(m, label(m, chosen.get(m)), seed, [f"{METHODS[m][1]}={chosen[m]}"] if m in chosen else [])
+             for m in args.methods for seed in args.seeds]
+    summaries = iter(run_many(artifacts, work, specs, args.steps, args.jobs))
     results = {}
     for method in args.methods:
-        _, knob = METHODS[method]
-        extra = [f"{knob}={chosen[method]}"] if knob else []
-        name = label(method, chosen.get(method))
-        summaries = [run_once(artifacts, work, method, name, seed, args.steps, extra) for seed in args.seeds]
-        results[method] = {"overrides": METHODS[method][0] + extra, "runs": summaries}
-        print(f"{method}: " + ", ".join(f"{k} {statistics.fmean(s['reward'][k] for s in summaries):+.4f}"
-                                        for k in KEYS if summaries[0]["reward"].get(k) is not None), flush=True)
+        runs = [next(summaries) for _ in args.seeds]
+        extra = [f"{METHODS[method][1]}={chosen[method]}"] if method in chosen else []
+        results[method] = {"overrides": METHODS[method][0] + extra, "runs": runs}
+        print(f"{method}: " + ", ".join(f"{k} {statistics.fmean(s['reward'][k] for s in runs):+.4f}"
+                                        for k in KEYS if runs[0]["reward"].get(k) is not None), flush=True)
 
     import torch
     import transformers
@@ -151,7 +172,7 @@ def main() -> None:
             "steps_per_task": args.steps, "wall_time_s": round(wall), "tuning": tuning, "chosen": chosen,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time"}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = ["# Continual benchmark on the demo stream (sky → ledger → forest)", "",
              f"Command: `{meta['command']}`  ", f"Versions: {meta['versions']}; {meta['machine']}  ",

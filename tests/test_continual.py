@@ -373,5 +373,10 @@ def test_demo_data_follows_the_hidden_rules():
         assert 0.85 < agree < 1.0  # the rule, with a little annotator noise
         assert all(abs(domain.score(p["chosen"]) - domain.score(p["rejected"])) >= sizes.min_margin for p in pairs)
         assert all(p["prompt"].startswith(f"{domain.name}: ") for p in pairs)
+        # pairs reach the lopsided answers an optimised policy produces, which the SFT corpus hardly holds
+        answers = [p[key] for p in pairs for key in ("chosen", "rejected")]
+        assert sum(domain.score(a) >= 0.8 for a in answers) / len(answers) > 0.05
+        sft_answers = [row["completion"] for row in data["sft"]]
+        assert sum(domain.score(a) >= 0.8 for a in sft_answers) / len(sft_answers) < 0.02
     assert len(data["sft"]) == sizes.sft_examples
     assert make_data(sizes, seed=0) == data  # deterministic
