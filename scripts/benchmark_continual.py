@@ -141,13 +141,16 @@ def main() -> None:
     if args.tune:
         specs = [(m, label(m, v), seed, [f"{METHODS[m][1]}={v}"])
                  for m in tuned for v in GRIDS[METHODS[m][1]] for seed in args.tuning_seeds]
-        finals = iter(s["reward"]["final_average"] for s in run_many(artifacts, work, specs, args.steps, args.jobs))
+        runs = iter(run_many(artifacts, work, specs, args.steps, args.jobs))
         for method in tuned:
             knob = METHODS[method][1]
-            scores = {v: statistics.fmean(next(finals) for _ in args.tuning_seeds) for v in GRIDS[knob]}
-            chosen[method] = max(scores, key=scores.get)
-            tuning[method] = {"knob": knob, "scores": scores, "chosen": chosen[method]}
-            print(f"tuning {method}: " + ", ".join(f"{knob}={v} {x:.4f}" for v, x in scores.items())
+            grid = {v: [next(runs)["reward"] for _ in args.tuning_seeds] for v in GRIDS[knob]}
+            means = {v: {k: statistics.fmean(r[k] for r in rs) for k in ("final_average", "forgetting", "plasticity")}
+                     for v, rs in grid.items()}
+            chosen[method] = max(means, key=lambda v: means[v]["final_average"])
+            tuning[method] = {"knob": knob, "scores": {v: m["final_average"] for v, m in means.items()},
+                              "means": means, "chosen": chosen[method]}
+            print(f"tuning {method}: " + ", ".join(f"{knob}={v} {m['final_average']:.4f}" for v, m in means.items())
                   + f" → {chosen[method]}", flush=True)
     else:
         chosen = {m: DEFAULTS[METHODS[m][1]] for m in tuned}
@@ -168,15 +171,25 @@ def main() -> None:
     import trl
 
     wall = time.time() - started
+    used = [work / f"{name}-seed{seed}" for _, name, seed, _ in specs]
+    if args.tune:
+        used += [work / f"{label(m, v)}-seed{seed}" for m in tuned for v in GRIDS[METHODS[m][1]]
+                 for seed in args.tuning_seeds]
+    first = min((d.parent / f"{d.name}.yaml").stat().st_mtime for d in used)  # written as each run starts
+    last = max((d / "summary.json").stat().st_mtime for d in used)
+    span = (f"the {len(used)} runs ran from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(first))} to "
+            f"{time.strftime('%H:%M', time.gmtime(last))} UTC ({(last - first) / 60:.0f} min, {args.jobs} at a time; "
+            f"finished runs are reused, so a later invocation takes {wall / 60:.1f} min)")
     meta = {"command": " ".join(["python", *sys.argv]), "seeds": args.seeds, "tuning_seeds": args.tuning_seeds,
-            "steps_per_task": args.steps, "wall_time_s": round(wall), "tuning": tuning, "chosen": chosen,
+            "steps_per_task": args.steps, "wall_time_s": round(wall), "runs_span_s": round(last - first),
+            "tuning": tuning, "chosen": chosen,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time"}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = ["# Continual benchmark on the demo stream (sky → ledger → forest)", "",
              f"Command: `{meta['command']}`  ", f"Versions: {meta['versions']}; {meta['machine']}  ",
-             f"Wall time: {wall / 60:.1f} min. Reported seeds {args.seeds}; tuning seeds {args.tuning_seeds}.", "",
+             f"Wall time: {span}. Reported seeds {args.seeds}; tuning seeds {args.tuning_seeds or '–'}.", "",
              "Mean ± 95% CI (t) over the reported seeds of the reference PM's reward metrics "
              "(`cppo/metrics.py`); task1_gain_lost = (S[1][1] − S[T][1]) / (S[1][1] − S[0][1]).", "",
              "| method | " + " | ".join(KEYS) + " | coefficient |", "|---|" + "---|" * (len(KEYS) + 1)]
@@ -191,14 +204,52 @@ def main() -> None:
             cells.append(f"{mean:+.3f} ± {half:.3f}")
         knob = METHODS[method][1]
         lines.append(f"| {method} | " + " | ".join(cells) + (f" | {knob}={chosen[method]} |" if knob else " | – |"))
+    if "ppo" in results:
+        lost = [s["reward"]["task1_gain_lost"] for s in results["ppo"]["runs"]]
+        lines += ["", "PPO in order, task-1 gain lost per reported seed: "
+                  + ", ".join(f"{x:.0%}" if x is not None else "–" for x in lost) + "."]
     if tuning:
-        lines += ["", "Tuning (mean final average over the tuning seeds):", ""]
-        lines += [f"- {m}: " + ", ".join(f"{t['knob']}={v}: {s:.4f}" for v, s in t["scores"].items())
-                  + f" → {t['chosen']}" for m, t in tuning.items()]
+        lines += ["", "Tuning: every value tried, mean over the tuning seeds (chosen by final average):", "",
+                  "| method | value | final_average | forgetting | plasticity | chosen |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {t['knob']}={v} | {x['final_average']:+.3f} | {x['forgetting']:+.3f} | "
+                  f"{x['plasticity']:+.3f} | {'✓' if v == t['chosen'] else ''} |"
+                  for m, t in tuning.items() for v, x in t["means"].items()]
+        plot_tradeoff(tuning, results, out / "tradeoff.png")
+        lines += ["", "![forgetting against plasticity](tradeoff.png)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def plot_tradeoff(tuning: dict, results: dict, path: Path) -> None:
+    """Forgetting against plasticity: each tuned method's curve over its grid (tuning seeds) and the
+    untuned methods' points (reported seeds). Lower-right is better: learns as much, forgets less."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for method, t in tuning.items():
+        points = list(t["means"].items())
+        ax.plot([x["plasticity"] for _, x in points], [x["forgetting"] for _, x in points], marker="o",
+                linestyle="-" if method.startswith("cppo") else "--", label=method)
+        for value, x in points:
+            ax.annotate(f"{value:g}", (x["plasticity"], x["forgetting"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    for method, entry in results.items():
+        if method in tuning or entry["runs"][0]["reward"].get("forgetting") is None:
+            continue
+        plast = statistics.fmean(s["reward"]["plasticity"] for s in entry["runs"])
+        forget = statistics.fmean(s["reward"]["forgetting"] for s in entry["runs"])
+        ax.scatter([plast], [forget], marker="*", s=160, zorder=3, label=f"{method} (reported seeds)")
+    ax.set_xlabel("plasticity (mean S[j][j] − S[j−1][j])")
+    ax.set_ylabel("forgetting")
+    ax.set_title("Forgetting against plasticity over each method's grid (tuning seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()
