@@ -3,14 +3,16 @@
 Protocol. The demo's artifacts (data, SFT policy, reward models, reference PM) are built once with
 seed 0 and shared. Each method's one coefficient (kr_coef for CPPO variants, reg_coef for L2, EWC,
 MAS and LwF) is chosen on TUNING seeds, disjoint from the REPORTED seeds, from the same grid size for
-every method, by final average; PPO and the joint reference have nothing to tune. Every run is a
-separate `cppo train` process on a config written to the results directory.
+every method, by final average; PPO, β ≡ 0 and the joint reference have nothing to tune (the first
+two also run on the tuning seeds, as reference points beside the grids). Every run is a separate
+`cppo train` process on a config written next to its run directory; `--jobs N` runs N at a time.
 
     python scripts/benchmark_continual.py --tune --out docs/results/continual   # tuning, then the table
     python scripts/benchmark_continual.py --out docs/results/continual --methods ppo cppo_heuristic
 
-Writes <out>/results.json (every run's summary and the choices made) and <out>/results.md (the table,
-the command, versions and wall time); the runs themselves go to --work.
+Writes <out>/results.json (every run's summary and the choices made), <out>/results.md (the table,
+every tuning value's metrics, the command, versions and wall time) and <out>/tradeoff.png (forgetting
+against plasticity over the grids); the runs themselves go to --work.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ def main() -> None:
     if args.tune:
         specs = [(m, label(m, v), seed, [f"{METHODS[m][1]}={v}"])
                  for m in tuned for v in GRIDS[METHODS[m][1]] for seed in args.tuning_seeds]
+        # the sequential methods with nothing to tune run on the tuning seeds too: reference points
+        # for the forgetting-against-plasticity picture, measured on the same seeds as the grids
+        fixed = [m for m in args.methods if METHODS[m][1] is None and m != "joint"]
+        specs += [(m, label(m, None), seed, []) for m in fixed for seed in args.tuning_seeds]
+        tuning_specs = specs
         runs = iter(run_many(artifacts, work, specs, args.steps, args.jobs))
         for method in tuned:
             knob = METHODS[method][1]
@@ -152,6 +159,10 @@ def main() -> None:
                               "means": means, "chosen": chosen[method]}
             print(f"tuning {method}: " + ", ".join(f"{knob}={v} {m['final_average']:.4f}" for v, m in means.items())
                   + f" → {chosen[method]}", flush=True)
+        for method in fixed:
+            rewards = [next(runs)["reward"] for _ in args.tuning_seeds]
+            means = {k: statistics.fmean(r[k] for r in rewards) for k in ("final_average", "forgetting", "plasticity")}
+            tuning[method] = {"knob": None, "means": {None: means}, "chosen": None}
     else:
         chosen = {m: DEFAULTS[METHODS[m][1]] for m in tuned}
 
@@ -173,8 +184,7 @@ def main() -> None:
     wall = time.time() - started
     used = [work / f"{name}-seed{seed}" for _, name, seed, _ in specs]
     if args.tune:
-        used += [work / f"{label(m, v)}-seed{seed}" for m in tuned for v in GRIDS[METHODS[m][1]]
-                 for seed in args.tuning_seeds]
+        used += [work / f"{name}-seed{seed}" for _, name, seed, _ in tuning_specs]
     first = min((d.parent / f"{d.name}.yaml").stat().st_mtime for d in used)  # written as each run starts
     last = max((d / "summary.json").stat().st_mtime for d in used)
     span = (f"the {len(used)} runs ran from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(first))} to "
@@ -209,20 +219,21 @@ def main() -> None:
         lines += ["", "PPO in order, task-1 gain lost per reported seed: "
                   + ", ".join(f"{x:.0%}" if x is not None else "–" for x in lost) + "."]
     if tuning:
-        lines += ["", "Tuning: every value tried, mean over the tuning seeds (chosen by final average):", "",
+        lines += ["", "Tuning: every value tried, mean over the tuning seeds (chosen by final average); the methods "
+                  "with nothing to tune ran on the tuning seeds too, as reference points:", "",
                   "| method | value | final_average | forgetting | plasticity | chosen |", "|---|---|---|---|---|---|"]
-        lines += [f"| {m} | {t['knob']}={v} | {x['final_average']:+.3f} | {x['forgetting']:+.3f} | "
-                  f"{x['plasticity']:+.3f} | {'✓' if v == t['chosen'] else ''} |"
-                  for m, t in tuning.items() for v, x in t["means"].items()]
-        plot_tradeoff(tuning, results, out / "tradeoff.png")
+        lines += [f"| {m} | {f'{k}={v}' if k else '– (nothing to tune)'} | {x['final_average']:+.3f} | "
+                  f"{x['forgetting']:+.3f} | {x['plasticity']:+.3f} | {'✓' if k and v == t['chosen'] else ''} |"
+                  for m, t in tuning.items() for k in [t["knob"]] for v, x in t["means"].items()]
+        plot_tradeoff(tuning, out / "tradeoff.png")
         lines += ["", "![forgetting against plasticity](tradeoff.png)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def plot_tradeoff(tuning: dict, results: dict, path: Path) -> None:
-    """Forgetting against plasticity: each tuned method's curve over its grid (tuning seeds) and the
-    untuned methods' points (reported seeds). Lower-right is better: learns as much, forgets less."""
+def plot_tradeoff(tuning: dict, path: Path) -> None:
+    """Forgetting against plasticity on the tuning seeds: each tuned method's curve over its grid, the
+    untuned methods as points. Lower-right is better: learns as much, forgets less."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,18 +241,16 @@ def plot_tradeoff(tuning: dict, results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for method, t in tuning.items():
+        if t["knob"] is None:
+            point = t["means"][None]
+            ax.scatter([point["plasticity"]], [point["forgetting"]], marker="*", s=180, zorder=3, label=method)
+            continue
         points = list(t["means"].items())
         ax.plot([x["plasticity"] for _, x in points], [x["forgetting"] for _, x in points], marker="o",
                 linestyle="-" if method.startswith("cppo") else "--", label=method)
         for value, x in points:
             ax.annotate(f"{value:g}", (x["plasticity"], x["forgetting"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
-    for method, entry in results.items():
-        if method in tuning or entry["runs"][0]["reward"].get("forgetting") is None:
-            continue
-        plast = statistics.fmean(s["reward"]["plasticity"] for s in entry["runs"])
-        forget = statistics.fmean(s["reward"]["forgetting"] for s in entry["runs"])
-        ax.scatter([plast], [forget], marker="*", s=160, zorder=3, label=f"{method} (reported seeds)")
     ax.set_xlabel("plasticity (mean S[j][j] − S[j−1][j])")
     ax.set_ylabel("forgetting")
     ax.set_title("Forgetting against plasticity over each method's grid (tuning seeds)")
