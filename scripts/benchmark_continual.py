@@ -7,7 +7,7 @@ every method, by final average; PPO, β ≡ 0 and the joint reference have nothi
 two also run on the tuning seeds, as reference points beside the grids). Every run is a separate
 `cppo train` process on a config written next to its run directory; `--jobs N` runs N at a time.
 
-    python scripts/benchmark_continual.py --tune --out docs/results/continual   # tuning, then the table
+    python scripts/benchmark_continual.py --tune --seeds 1 2 3 4 5 --jobs 2   # tuning, then the table
     python scripts/benchmark_continual.py --out docs/results/continual --methods ppo cppo_heuristic
 
 Writes <out>/results.json (every run's summary and the choices made), <out>/results.md (the table,
