@@ -54,6 +54,9 @@ METHODS = {
 }
 GRIDS = {"cppo.kr_coef": [0.01, 0.03, 0.1], "continual.reg_coef": [0.01, 0.1, 1.0]}
 DEFAULTS = {"cppo.kr_coef": 0.03, "continual.reg_coef": 0.1}
+# PPO's own trade-off, for comparison at equal plasticity: a smaller learning rate also learns less and
+# forgets less, with no retention mechanism at all. Run on the tuning seeds only; never chosen.
+PPO_SLOWER = [3e-5, 1e-4]
 KEYS = ("final_average", "forgetting", "bwt", "plasticity", "task1_gain_lost")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -147,6 +150,9 @@ def main() -> None:
         # for the forgetting-against-plasticity picture, measured on the same seeds as the grids
         fixed = [m for m in args.methods if METHODS[m][1] is None and m != "joint"]
         specs += [(m, label(m, None), seed, []) for m in fixed for seed in args.tuning_seeds]
+        if "ppo" in fixed:
+            specs += [("ppo", f"ppo-learning_rate{v}", seed, [f"ppo.learning_rate={v}"])
+                      for v in PPO_SLOWER for seed in args.tuning_seeds]
         tuning_specs = specs
         runs = iter(run_many(artifacts, work, specs, args.steps, args.jobs))
         for method in tuned:
@@ -159,10 +165,14 @@ def main() -> None:
                               "means": means, "chosen": chosen[method]}
             print(f"tuning {method}: " + ", ".join(f"{knob}={v} {m['final_average']:.4f}" for v, m in means.items())
                   + f" → {chosen[method]}", flush=True)
+        def means(rewards: list[dict]) -> dict:
+            return {k: statistics.fmean(r[k] for r in rewards) for k in ("final_average", "forgetting", "plasticity")}
+
         for method in fixed:
-            rewards = [next(runs)["reward"] for _ in args.tuning_seeds]
-            means = {k: statistics.fmean(r[k] for r in rewards) for k in ("final_average", "forgetting", "plasticity")}
-            tuning[method] = {"knob": None, "means": {None: means}, "chosen": None}
+            tuning[method] = {"knob": None, "means": {None: means([next(runs)["reward"] for _ in args.tuning_seeds])},
+                              "chosen": None}
+        if "ppo" in fixed:
+            tuning["ppo"]["slower"] = {v: means([next(runs)["reward"] for _ in args.tuning_seeds]) for v in PPO_SLOWER}
     else:
         chosen = {m: DEFAULTS[METHODS[m][1]] for m in tuned}
 
@@ -222,9 +232,24 @@ def main() -> None:
         lines += ["", "Tuning: every value tried, mean over the tuning seeds (chosen by final average); the methods "
                   "with nothing to tune ran on the tuning seeds too, as reference points:", "",
                   "| method | value | final_average | forgetting | plasticity | chosen |", "|---|---|---|---|---|---|"]
+        points = [x for t in tuning.values() for x in t["means"].values()]
+        slope, intercept = statistics.linear_regression([x["plasticity"] for x in points],
+                                                        [x["forgetting"] for x in points])
+        lines[-2] += " residual |"
+        lines[-1] += "---|"
         lines += [f"| {m} | {f'{k}={v}' if k else '– (nothing to tune)'} | {x['final_average']:+.3f} | "
-                  f"{x['forgetting']:+.3f} | {x['plasticity']:+.3f} | {'✓' if k and v == t['chosen'] else ''} |"
+                  f"{x['forgetting']:+.3f} | {x['plasticity']:+.3f} | {'✓' if k and v == t['chosen'] else ''} | "
+                  f"{x['forgetting'] - (slope * x['plasticity'] + intercept):+.2f} |"
                   for m, t in tuning.items() for k in [t["knob"]] for v, x in t["means"].items()]
+        if "slower" in tuning.get("ppo", {}):
+            lines += [f"| ppo (not tuned: its own trade-off) | ppo.learning_rate={v} | {x['final_average']:+.3f} | "
+                      f"{x['forgetting']:+.3f} | {x['plasticity']:+.3f} |  | "
+                      f"{x['forgetting'] - (slope * x['plasticity'] + intercept):+.2f} |"
+                      for v, x in tuning["ppo"]["slower"].items()]
+        correlation = statistics.correlation([x["plasticity"] for x in points], [x["forgetting"] for x in points])
+        lines += ["", f"residual: forgetting minus the line fitted through all {len(points)} tuning points, "
+                  f"forgetting = {slope:.2f} × plasticity {intercept:+.2f} (r = {correlation:.2f}); below zero, "
+                  "a method forgets less than the common trade-off at its plasticity."]
         plot_tradeoff(tuning, out / "tradeoff.png")
         lines += ["", "![forgetting against plasticity](tradeoff.png)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -244,6 +269,13 @@ def plot_tradeoff(tuning: dict, path: Path) -> None:
         if t["knob"] is None:
             point = t["means"][None]
             ax.scatter([point["plasticity"]], [point["forgetting"]], marker="*", s=180, zorder=3, label=method)
+            if "slower" in t:  # PPO at smaller learning rates: its own curve, no retention mechanism
+                curve = [*t["slower"].items(), (None, point)]
+                ax.plot([x["plasticity"] for _, x in curve], [x["forgetting"] for _, x in curve], color="black",
+                        linestyle=":", marker="x", label="ppo, learning rate 3e-5 / 1e-4 / 3e-4")
+                for value, x in curve[:-1]:
+                    ax.annotate(f"lr {value:g}", (x["plasticity"], x["forgetting"]), fontsize=7, xytext=(3, -9),
+                                textcoords="offset points")
             continue
         points = list(t["means"].items())
         ax.plot([x["plasticity"] for _, x in points], [x["forgetting"] for _, x in points], marker="o",
