@@ -34,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cppo.checkpoint import checkpoints  # noqa: E402
 from cppo.demo import DemoSizes, build_artifacts, continual_config  # noqa: E402
 
 # method → (overrides, the tuned coefficient's name or None)
@@ -67,7 +68,7 @@ def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, ste
     share of the first task's gain lost by the end of the stream."""
     run_dir = out / f"{label}-seed{seed}"
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file():  # finished before: resumable benchmark
+    if summary_path.is_file():  # finished before: reused
         return _with_gain_lost(run_dir)
     base, _ = METHODS[method]
     config = continual_config(artifacts, run_dir, "ppo", seed, steps, [*base, *overrides])
@@ -77,8 +78,10 @@ def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, ste
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    result = subprocess.run([sys.executable, "-m", "cppo", "train", str(config_path)], cwd=ROOT,
-                            capture_output=True, text=True, env=env)
+    command = [sys.executable, "-m", "cppo", "train", str(config_path)]
+    if checkpoints(run_dir):  # stopped part-way before: continue from its newest checkpoint, exactly
+        command.append("--resume")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{method} seed {seed} failed:\n{result.stderr[-3000:]}")
     return _with_gain_lost(run_dir)
