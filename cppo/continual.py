@@ -353,11 +353,10 @@ def _link_final(out: Path, last_dir: Path) -> None:
     """`output_dir/policy` and `output_dir/value_model`: the final models, as links into the last stage."""
     for name in ("policy", "value_model"):
         link = out / name
-        if link.is_symlink() or link.exists():
-            if link.is_symlink():
-                link.unlink()
-            else:
-                continue
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():  # a real directory, saved there directly: leave it
+            continue
         link.symlink_to(Path(last_dir.name) / name, target_is_directory=True)
 
 

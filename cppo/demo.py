@@ -282,18 +282,10 @@ def continual_config(artifacts: dict, output_dir: Path, algo: str, seed: int, st
         os.unlink(f.name)
 
 
-def reset_accelerate_state() -> None:
-    """Runs of one process each open an Accelerator; accelerate keeps its state in singletons."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Artifacts, then the continual run with PPO in order and with CPPO, then the report."""
     from . import continual, report
+    from .session import reset_accelerate_state
 
     started = time.perf_counter()
     artifacts = build_artifacts(sizes, seed, log)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import RewardConfig, UserError
-from .models import token_scalars
+from .models import load_frozen, load_tokenizer, resolve_model_source, token_scalars
 
 
 def import_reward_function(spec: str) -> Callable:
@@ -104,7 +104,6 @@ class ModelReward:
         return result
 
 
-
 class RunningMoments:
     """Running mean and standard deviation of every score seen so far (reward.normalize: running)."""
 
@@ -167,8 +166,6 @@ class RewardBank:
     def _build(self, cfg: RewardConfig):
         if cfg.function is not None:
             return CallableReward(cfg.function)
-        from .models import load_frozen, load_tokenizer, resolve_model_source
-
         source = resolve_model_source(cfg.model, "reward.model")
         tokenizer = load_tokenizer(source, self.model_cfg.trust_remote_code)
         model = load_frozen("AutoModelForSequenceClassification", source, self.model_cfg, tokenizer.pad_token_id,

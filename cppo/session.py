@@ -56,6 +56,16 @@ class Session:
         return self.accelerator.device
 
 
+def reset_accelerate_state() -> None:
+    """Forget the Accelerator a previous run in this process made (accelerate keeps its state in
+    process-wide singletons): for several runs in one process (the demo, tests)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def open_session(config: Config) -> Session:
     check_sources(config)
     # cpu=True without an accelerator makes a multi-process launch use gloo on the CPU.

@@ -23,12 +23,10 @@ def cppo_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each test builds its own Accelerator; accelerate keeps its state in process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from cppo.session import reset_accelerate_state
 
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture
