@@ -27,7 +27,8 @@ class UserError(Exception):
 @dataclass
 class ModelConfig:
     policy: str = "builtin:tiny-gpt2"
-    """Policy to start from: a local HF model directory, a hub name, or `builtin:tiny-gpt2` (built offline)."""
+    """Policy to start from: a local HF model directory, a hub name, or a builtin built offline:
+    `builtin:tiny-gpt2` (0.1 M parameters) or `builtin:smollm2-135m` (SmolLM2-135M-Instruct)."""
     tokenizer: str | None = None
     """Tokenizer source; defaults to `policy`."""
     value_init: Literal["policy", "reward_model"] = "policy"
@@ -45,14 +46,16 @@ class ModelConfig:
     lora_alpha: int = 16
     """LoRA scaling numerator."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA path."""
+    """Dropout on the LoRA path: must be 0. Every dropout in every model is off, because PPO's ratio
+    compares the update's log-probs with the rollout's for the same weights (dropout would make them differ)."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules that get adapters (peft names; `all-linear` for every linear layer but the output head)."""
 
     def validate(self) -> None:
         _check(self.lora_r >= 0, "model.lora_r", self.lora_r, ">= 0")
         _check(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "> 0")
-        _check(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "in [0, 1)")
+        _check(self.lora_dropout == 0, "model.lora_dropout", self.lora_dropout,
+               "0 (dropout would make the update's log-probs differ from the rollout's for the same weights)")
 
 
 @dataclass
@@ -167,6 +170,10 @@ class EvalConfig:
     """Evaluate at most this many prompts per task (the first ones)."""
     seed: int = 1234
     """Seed of sampled evaluation (the same prompts get the same samples for every row of the matrix)."""
+    checkpoint_generation_config: bool = False
+    """Decode with the initial checkpoint's own generation_config.json (its sampling, temperature, top-p,
+    repetition penalty, ...), keeping `max_new_tokens` and the stop token; `greedy` and `temperature`
+    are then unused. Off: evaluation decodes exactly as configured here, nothing from the checkpoint."""
 
     def validate(self) -> None:
         _check(self.temperature > 0, "eval.temperature", self.temperature, "> 0")

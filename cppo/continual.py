@@ -25,7 +25,7 @@ from .checkpoint import STATE, CheckpointWriter, checkpoints, failpoint, prune, 
 from .config import Config, UserError, config_differences
 from .data import PromptSet, build_prompt_set, left_pad
 from .metrics import summarize
-from .models import load_frozen
+from .models import checkpoint_generation_config, load_frozen
 from .regularizers import build_regularizer
 from .rollout import generate, make_generation_config
 from .session import Session, Stage, first_stage, open_session, task_prompts
@@ -57,9 +57,14 @@ class Evaluator:
             self.sets[task.name] = prompts
             self.rewards[task.name] = session.rewards.get(config.eval_reward or task.reward)
         ecfg, gcfg = config.eval, config.generation
-        sampling = {} if ecfg.greedy else {"temperature": ecfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p}
+        if ecfg.checkpoint_generation_config:
+            sampling = _checkpoint_sampling(session.initial_policy)
+        elif ecfg.greedy:
+            sampling = {"do_sample": False}
+        else:
+            sampling = {"do_sample": True, "temperature": ecfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p}
         self.generation_config = make_generation_config(
-            session.stop_token_id, session.tokenizer.pad_token_id, do_sample=not ecfg.greedy,
+            session.stop_token_id, session.tokenizer.pad_token_id,
             max_new_tokens=ecfg.max_new_tokens or gcfg.max_new_tokens, **sampling)
 
     @property
@@ -101,6 +106,17 @@ class Evaluator:
             results[name] = result
         policy.train(was_training)
         return results
+
+
+def _checkpoint_sampling(source: str) -> dict:
+    """The decoding settings of a checkpoint's generation_config.json, without its token ids and lengths
+    (the run's stop token and `max_new_tokens` apply)."""
+    checkpoint = checkpoint_generation_config(source)
+    if checkpoint is None:
+        return {}
+    ours = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+            "transformers_version"}
+    return {k: v for k, v in checkpoint.to_diff_dict().items() if k not in ours}
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

@@ -73,10 +73,14 @@ def _non_empty(prompt) -> bool:
     return isinstance(prompt, list) and len(prompt) > 0
 
 
+def uses_chat_template(prompt, mode: str) -> bool:
+    return mode == "always" or (mode == "auto" and isinstance(prompt, list))
+
+
 def format_prompt(prompt, tokenizer, mode: str, name: str) -> str:
     """Prompt text as the model sees it: chat-templated when conversational (or `always`)."""
     conversational = isinstance(prompt, list)
-    if mode == "never" or (mode == "auto" and not conversational):
+    if not uses_chat_template(prompt, mode):
         if conversational:
             raise UserError(f"{name}.chat_template is 'never' but the prompts are chat messages")
         return prompt
@@ -114,21 +118,41 @@ class PromptSet:
                          [k for s in sets for k in s.task], [r for s in sets for r in s.references], counts)
 
 
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text of its own accord (BOS for Llama-, Gemma- or
+    Mistral-style tokenizers, nothing for GPT-2 or Qwen). What it would put after the text (an EOS) is
+    left out: a prompt is not a finished sequence."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def build_prompt_set(cfg: DataConfig, tokenizer, task_index: int, name: str) -> PromptSet:
-    """Load, format and tokenise; long prompts keep their last `max_prompt_length` tokens or are dropped."""
+    """Load, format and tokenise; long prompts keep their last `max_prompt_length` tokens or are dropped.
+
+    A chat-templated prompt holds the special tokens it needs in its text (templates write the BOS
+    themselves) and is tokenised without adding any; a plain-text prompt gets the tokenizer's leading
+    special tokens, as the model saw them in training. Truncation keeps those leading tokens.
+    """
     rows = load_rows(cfg, name)
-    texts = [format_prompt(r[cfg.prompt_field], tokenizer, cfg.chat_template, name) for r in rows]
-    # A chat template already holds the special tokens it needs.
+    prompts = [r[cfg.prompt_field] for r in rows]
+    texts = [format_prompt(p, tokenizer, cfg.chat_template, name) for p in prompts]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    plain_prefix = leading_special_tokens(tokenizer)
     kept = PromptSet([], [], [], [], {"truncated": 0, "dropped": 0})
-    for row, text, ids in zip(rows, texts, encoded, strict=True):
-        if len(ids) > cfg.max_prompt_length:
+    for row, prompt, text, ids in zip(rows, prompts, texts, encoded, strict=True):
+        prefix = [] if uses_chat_template(prompt, cfg.chat_template) else plain_prefix
+        if len(prefix) + len(ids) > cfg.max_prompt_length:
             if cfg.long_prompts == "drop":
                 kept.counts["dropped"] += 1
                 continue
             kept.counts["truncated"] += 1
-            ids = ids[-cfg.max_prompt_length:]
+            ids = ids[len(ids) - (cfg.max_prompt_length - len(prefix)):]
             text = tokenizer.decode(ids)
+        ids = prefix + ids
         kept.ids.append(ids)
         kept.texts.append(text)
         kept.task.append(task_index)

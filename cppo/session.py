@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from .config import Config, UserError
 from .data import PromptSet, build_prompt_set, check_data_source
-from .models import load_tokenizer, resolve_model_source
+from .models import is_causal_type, load_tokenizer, model_type_of, resolve_model_source, same_tokenizer
 from .rewards import RewardBank, import_reward_function
 from .tracking import Tracker
 
@@ -76,9 +76,37 @@ def open_session(config: Config) -> Session:
     initial = resolve_model_source(mcfg.policy, "model.policy")
     tokenizer = load_tokenizer(resolve_model_source(mcfg.tokenizer, "model.tokenizer") if mcfg.tokenizer else initial,
                                mcfg.trust_remote_code)
+    check_critic(config, initial, tokenizer)
     return Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config), tokenizer=tokenizer,
                    initial_policy=initial, rewards=RewardBank(tokenizer, mcfg, accelerator.device),
                    stop_token_id=_stop_token_id(config, tokenizer))
+
+
+def critic_source(config: Config) -> tuple[str, str]:
+    """(config field, model source) of the critic of the first task."""
+    mcfg = config.model
+    if mcfg.value_model is not None:
+        return "model.value_model", mcfg.value_model
+    if mcfg.value_init == "reward_model":
+        return "model.value_init", config.tasks[0].reward.model
+    return "model.policy", mcfg.policy
+
+
+def check_critic(config: Config, policy_source: str, tokenizer) -> None:
+    """The critic reads the policy's token ids left to right, at every response position: it must be a
+    causal decoder with the policy's tokenizer (re-tokenising cannot give a value per policy token)."""
+    field, source = critic_source(config)
+    resolved = resolve_model_source(source, field)
+    if resolved == policy_source:
+        return
+    model_type = model_type_of(resolved, config.model.trust_remote_code)
+    if not is_causal_type(model_type):
+        raise UserError(f"{field}: the critic {source!r} is a {model_type} model, not a causal decoder (the critic "
+                        "values each response token from the tokens before it); use value_init: policy or a "
+                        "causal critic")
+    if not same_tokenizer(load_tokenizer(resolved, config.model.trust_remote_code), tokenizer):
+        raise UserError(f"{field}: the critic {source!r} has another tokenizer than the policy (the critic reads "
+                        "the policy's token ids); use value_init: policy or a critic with the policy's tokenizer")
 
 
 def _stop_token_id(config: Config, tokenizer) -> int | None:
@@ -119,10 +147,9 @@ def task_prompts(session: Session, index: int) -> PromptSet:
 def first_stage(session: Session, output_dir: Path | None = None, prompts: PromptSet | None = None) -> Stage:
     """The stage of the first task, starting from the configured models: a single-task run."""
     config = session.config
-    mcfg = config.model
-    value = mcfg.value_model or (config.tasks[0].reward.model if mcfg.value_init == "reward_model" else mcfg.policy)
+    field, value = critic_source(config)
     return Stage(name=config.tasks[0].name, prompts=prompts or task_prompts(session, 0),
                  reward_configs=[t.reward for t in config.tasks], steps=config.tasks[0].budget(config.ppo),
-                 policy=session.initial_policy, value_model=resolve_model_source(value, "model.value_model"),
+                 policy=session.initial_policy, value_model=resolve_model_source(value, field),
                  reference=session.initial_policy, anchor=None,
                  output_dir=output_dir or Path(config.output_dir))

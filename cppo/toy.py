@@ -27,3 +27,16 @@ def digit_fraction(prompts: list[str], completions: list[str]) -> list[float]:
     """Share of a completion's characters that are digits: a second toy preference that conflicts with
     `vowel_fraction` (no character serves both), so learning it in sequence forgets the first."""
     return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+
+
+# Text rewards a small pretrained chat model (configs/smollm2_lora.yaml) can learn in minutes on a CPU.
+
+def concise(prompts: list[str], completions: list[str]) -> list[float]:
+    """1 for an answer of 8 words, falling by 1/8 per word more or fewer, down to −1: a chat model's
+    usual answer runs to dozens of words, so this asks for a different style, not for silence."""
+    return [max(-1.0, 1.0 - abs(len(text.split()) - 8) / 8) for text in completions]
+
+
+def no_digits(prompts: list[str], completions: list[str]) -> list[float]:
+    """1 for an answer without any digit, minus 0.25 per digit down to −1 ("eight", not "8")."""
+    return [max(-1.0, 1.0 - 0.25 * sum(ch.isdigit() for ch in text)) for text in completions]

