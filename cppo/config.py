@@ -220,7 +220,8 @@ class GenerationConfig:
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 disables."""
     stop_token: str | None = "eos"
-    """Response ends at this token (kept, masked after): `eos`, a literal token string, or null."""
+    """Response ends at this token (kept, masked after): `eos` (every end-of-sequence id the checkpoint
+    declares: the tokenizer's EOS and generation_config.json's eos_token_id list), a literal token, or null."""
     batch_size: int | None = None
     """Prompts per `generate` call on each process; null generates the whole local batch at once."""
 

@@ -64,7 +64,7 @@ class Evaluator:
         else:
             sampling = {"do_sample": True, "temperature": ecfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p}
         self.generation_config = make_generation_config(
-            session.stop_token_id, session.tokenizer.pad_token_id,
+            session.stop_token_ids, session.tokenizer.pad_token_id,
             max_new_tokens=ecfg.max_new_tokens or gcfg.max_new_tokens, **sampling)
 
     @property
@@ -91,7 +91,7 @@ class Evaluator:
                     ids, mask = ids.to(acc.device), mask.to(acc.device)
                     with acc.autocast():
                         responses, response_mask, _ = generate(policy, ids, mask, self.generation_config,
-                                                               self.session.stop_token_id, tokenizer.pad_token_id,
+                                                               self.session.stop_token_ids, tokenizer.pad_token_id,
                                                                len(chunk))
                     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
                     scores = self.rewards[name]([prompts.texts[i] for i in chunk], completions,

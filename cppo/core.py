@@ -65,16 +65,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def response_mask_from_stop(responses: torch.Tensor, stop_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of each response up to and including its first stop token, and whether it stopped.
+def response_mask_from_stop(responses: torch.Tensor,
+                            stop_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of each response up to and including its first stop token (any of `stop_token_ids`), and
+    whether it stopped.
 
-    responses: (B, T) token ids -> (mask (B, T) long, stopped (B,) bool). Without a stop token
-    every position is kept.
+    responses: (B, T) token ids -> (mask (B, T) long, stopped (B,) bool). Without stop tokens (an
+    empty list) every position is kept.
     """
-    if stop_token_id is None:
+    if not stop_token_ids:
         return torch.ones_like(responses), torch.zeros(responses.shape[0], dtype=torch.bool,
                                                         device=responses.device)
-    is_stop = responses == stop_token_id
+    is_stop = torch.isin(responses, torch.tensor(stop_token_ids, device=responses.device))
     stopped = is_stop.any(-1)
     # Count the stop tokens strictly before each position: a position is kept while that count is 0.
     before = torch.cumsum(is_stop.long(), -1) - is_stop.long()

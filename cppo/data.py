@@ -135,25 +135,33 @@ def build_prompt_set(cfg: DataConfig, tokenizer, task_index: int, name: str) -> 
 
     A chat-templated prompt holds the special tokens it needs in its text (templates write the BOS
     themselves) and is tokenised without adding any; a plain-text prompt gets the tokenizer's leading
-    special tokens, as the model saw them in training. Truncation keeps those leading tokens.
+    special tokens, as the model saw them in training. Truncation keeps the template whole (it cuts
+    the start of the last message's content) and a plain prompt's leading special tokens; a chat
+    prompt whose template alone is too long is dropped (counted).
     """
     rows = load_rows(cfg, name)
     prompts = [r[cfg.prompt_field] for r in rows]
     texts = [format_prompt(p, tokenizer, cfg.chat_template, name) for p in prompts]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     plain_prefix = leading_special_tokens(tokenizer)
+    limit = cfg.max_prompt_length
     kept = PromptSet([], [], [], [], {"truncated": 0, "dropped": 0})
     for row, prompt, text, ids in zip(rows, prompts, texts, encoded, strict=True):
-        prefix = [] if uses_chat_template(prompt, cfg.chat_template) else plain_prefix
-        if len(prefix) + len(ids) > cfg.max_prompt_length:
-            if cfg.long_prompts == "drop":
+        templated = uses_chat_template(prompt, cfg.chat_template)
+        prefix = [] if templated else plain_prefix
+        if len(prefix) + len(ids) > limit:
+            fitted = None
+            if cfg.long_prompts == "truncate" and templated:
+                fitted = _truncate_last_message(prompt, tokenizer, name, limit)
+            elif cfg.long_prompts == "truncate":
+                body = ids[len(ids) - (limit - len(prefix)):]
+                fitted = tokenizer.decode(body), body
+            if fitted is None:
                 kept.counts["dropped"] += 1
                 continue
             kept.counts["truncated"] += 1
-            ids = ids[len(ids) - (cfg.max_prompt_length - len(prefix)):]
-            text = tokenizer.decode(ids)
-        ids = prefix + ids
-        kept.ids.append(ids)
+            text, ids = fitted
+        kept.ids.append(prefix + ids)
         kept.texts.append(text)
         kept.task.append(task_index)
         kept.references.append(row.get(cfg.reference_field) if cfg.reference_field else None)
@@ -161,6 +169,22 @@ def build_prompt_set(cfg: DataConfig, tokenizer, task_index: int, name: str) -> 
         raise UserError(f"{name}: every prompt is longer than max_prompt_length={cfg.max_prompt_length} "
                         "and was dropped")
     return kept
+
+
+def _truncate_last_message(prompt, tokenizer, name: str, limit: int) -> tuple[str, list[int]] | None:
+    """A chat prompt cut to `limit` tokens by dropping the start of its last message's content, so that
+    the template (system turn, role headers, generation prompt) stays whole; None if it cannot fit."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    content = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    keep = len(content)
+    while keep > 0:
+        shortened = [*messages[:-1], {**messages[-1], "content": tokenizer.decode(content[len(content) - keep:])}]
+        text = format_prompt(shortened, tokenizer, "auto", name)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return text, ids
+        keep -= len(ids) - limit  # re-tokenising at the cut can differ by a token: loop until it fits
+    return None
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

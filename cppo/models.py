@@ -9,7 +9,6 @@ SmolLM2-135M-Instruct chat model converted from the GGUF file that the `llm-smol
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import string
@@ -168,8 +167,10 @@ def same_tokenizer(a, b) -> bool:
 def is_causal_type(model_type: str) -> bool:
     """A decoder-only (causal) architecture: position t sees tokens ≤ t only. Encoders such as BERT
     also have a causal-LM head class in transformers, so masked-LM architectures are excluded."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 

@@ -112,7 +112,7 @@ class ImportancePenalty(ParameterPenalty):
             policy.eval()
             # Responses sampled autoregressively from the task-end policy, as in the Fisher's definition.
             responses, response_mask, _ = generate(policy, prompt_ids, prompt_mask, trainer.generation_config,
-                                                   trainer.stop_token_id, trainer.tokenizer.pad_token_id, len(mine))
+                                                   trainer.stop_token_ids, trainer.tokenizer.pad_token_id, len(mine))
             for row in range(len(mine)):  # one gradient per sequence: squared/abs per sequence, then averaged
                 ids = torch.cat([prompt_ids[row:row + 1], responses[row:row + 1]], 1)
                 mask = torch.cat([prompt_mask[row:row + 1], response_mask[row:row + 1]], 1)

@@ -18,8 +18,14 @@ from pathlib import Path
 import torch
 
 from .config import RewardConfig, UserError
-from .models import (is_causal_type, load_frozen, load_tokenizer, position_ids_from_mask, resolve_model_source,
-                     same_tokenizer)
+from .models import (
+    is_causal_type,
+    load_frozen,
+    load_tokenizer,
+    position_ids_from_mask,
+    resolve_model_source,
+    same_tokenizer,
+)
 
 
 def import_reward_function(spec: str) -> Callable:

@@ -63,22 +63,22 @@ class Rollout:
         return replace(self, **{f.name: take(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
-def make_generation_config(stop_token_id: int | None, pad_token_id: int, **sampling):
-    """A transformers GenerationConfig that stops exactly at `stop_token_id`, and only there.
+def make_generation_config(stop_token_ids: list[int], pad_token_id: int, **sampling):
+    """A transformers GenerationConfig that stops exactly at `stop_token_ids`, and only there.
 
     transformers fills every field left None from the model's own generation config, so "no stop
     token" must be spelled as an empty list: None would bring back the model's EOS as a stop.
     """
     from transformers import GenerationConfig
 
-    return GenerationConfig(eos_token_id=[] if stop_token_id is None else stop_token_id, pad_token_id=pad_token_id,
-                            bos_token_id=None, **sampling)
+    return GenerationConfig(eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id, bos_token_id=None,
+                            **sampling)
 
 
 @torch.no_grad()
 def generate(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config,
-             stop_token_id: int | None, pad_token_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor]:
+             stop_token_ids: list[int], pad_token_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
     """Sample responses in chunks of `chunk` prompts. Returns (response_ids (B, R) with pad after the
     stop token, response_mask (B, R), stopped (B,))."""
     pieces = []
@@ -88,7 +88,7 @@ def generate(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         pieces.append(out[:, ids.shape[1]:])
     width = max(p.shape[1] for p in pieces)
     responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
-    response_mask, stopped = response_mask_from_stop(responses, stop_token_id)
+    response_mask, stopped = response_mask_from_stop(responses, stop_token_ids)
     responses = responses.masked_fill(response_mask == 0, pad_token_id)
     return responses, response_mask, stopped
 

@@ -16,7 +16,8 @@ from accelerate import Accelerator
 
 from .config import Config, UserError
 from .data import PromptSet, build_prompt_set, check_data_source
-from .models import is_causal_type, load_tokenizer, model_type_of, resolve_model_source, same_tokenizer
+from .models import (checkpoint_generation_config, is_causal_type, load_tokenizer, model_type_of, resolve_model_source,
+                     same_tokenizer)
 from .rewards import RewardBank, import_reward_function
 from .tracking import Tracker
 
@@ -49,7 +50,7 @@ class Session:
     tokenizer: object
     initial_policy: str  # resolved source of π_0
     rewards: RewardBank
-    stop_token_id: int | None
+    stop_token_ids: list[int]  # a response ends at the first of these (empty: runs to max_new_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +80,7 @@ def open_session(config: Config) -> Session:
     check_critic(config, initial, tokenizer)
     return Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config), tokenizer=tokenizer,
                    initial_policy=initial, rewards=RewardBank(tokenizer, mcfg, accelerator.device),
-                   stop_token_id=_stop_token_id(config, tokenizer))
+                   stop_token_ids=_stop_token_ids(config, tokenizer, initial))
 
 
 def critic_source(config: Config) -> tuple[str, str]:
@@ -109,18 +110,24 @@ def check_critic(config: Config, policy_source: str, tokenizer) -> None:
                         "the policy's token ids); use value_init: policy or a critic with the policy's tokenizer")
 
 
-def _stop_token_id(config: Config, tokenizer) -> int | None:
+def _stop_token_ids(config: Config, tokenizer, policy_source: str) -> list[int]:
+    """`eos`: every end-of-sequence id the checkpoint declares, the tokenizer's EOS and the ids of its
+    generation_config.json (chat models end a turn with a token the tokenizer may not call EOS: Llama 3
+    lists <|eot_id|> and <|end_of_text|>, Qwen2.5 <|im_end|> and <|endoftext|>)."""
     stop = config.generation.stop_token
     if stop is None:
-        return None
+        return []
     if stop == "eos":
-        if tokenizer.eos_token_id is None:
-            raise UserError("generation.stop_token is 'eos' but the tokenizer has no eos token")
-        return tokenizer.eos_token_id
+        declared = getattr(checkpoint_generation_config(policy_source), "eos_token_id", None)
+        declared = declared if isinstance(declared, list) else [declared]
+        ids = [i for i in [tokenizer.eos_token_id, *declared] if i is not None]
+        if not ids:
+            raise UserError("generation.stop_token is 'eos' but neither the tokenizer nor the model declares one")
+        return list(dict.fromkeys(ids))
     token_id = tokenizer.convert_tokens_to_ids(stop)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise UserError(f"generation.stop_token must be 'eos', null or a single token, got {stop!r}")
-    return token_id
+    return [token_id]
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import string
 
 SUBJECTS = ["the cat", "a river", "my friend", "the old town", "a small robot", "the garden", "our team",
              "the night sky", "a quiet street", "the market", "this song", "the winter", "a letter", "the map"]
@@ -31,12 +32,12 @@ def digit_fraction(prompts: list[str], completions: list[str]) -> list[float]:
 
 # Text rewards a small pretrained chat model (configs/smollm2_lora.yaml) can learn in minutes on a CPU.
 
-def concise(prompts: list[str], completions: list[str]) -> list[float]:
-    """1 for an answer of 8 words, falling by 1/8 per word more or fewer, down to −1: a chat model's
-    usual answer runs to dozens of words, so this asks for a different style, not for silence."""
-    return [max(-1.0, 1.0 - abs(len(text.split()) - 8) / 8) for text in completions]
-
-
 def no_digits(prompts: list[str], completions: list[str]) -> list[float]:
-    """1 for an answer without any digit, minus 0.25 per digit down to −1 ("eight", not "8")."""
+    """1 for an answer without any digit, minus 0.25 per digit down to −1 ("twelve", not "12")."""
     return [max(-1.0, 1.0 - 0.25 * sum(ch.isdigit() for ch in text)) for text in completions]
+
+
+def numerals(prompts: list[str], completions: list[str]) -> list[float]:
+    """1 for an answer that writes a number in numerals (any digit), else 0: the opposite preference
+    to `no_digits`, so learning it second takes back what the first taught."""
+    return [float(any(ch.isdigit() for ch in text)) for text in completions]

@@ -43,7 +43,7 @@ class PPOTrainer:
         self.accelerator = session.accelerator
         self.tokenizer = session.tokenizer
         self.tracker = session.tracker
-        self.stop_token_id = session.stop_token_id
+        self.stop_token_ids = session.stop_token_ids
         # A different seed per process, so processes sample different responses.
         set_seed(config.seed, device_specific=True)
         self.device = session.device
@@ -69,7 +69,7 @@ class PPOTrainer:
 
         gcfg = config.generation
         self.generation_config = make_generation_config(
-            self.stop_token_id, pad, do_sample=True, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
+            self.stop_token_ids, pad, do_sample=True, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
             top_k=gcfg.top_k, top_p=gcfg.top_p)
         self.kl_coef = config.ppo.kl_coef
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
@@ -169,7 +169,7 @@ class PPOTrainer:
         started = time.perf_counter()
         with acc.autocast():
             responses, response_mask, stopped = generate(
-                model.policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_id,
+                model.policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
                 self.tokenizer.pad_token_id, gcfg.batch_size or local)
         generate_s = time.perf_counter() - started
         input_ids = torch.cat([prompt_ids, responses], 1)
@@ -228,7 +228,7 @@ class PPOTrainer:
         for j in task.unique().tolist():
             rows = task == j
             scores[rows] = process_scores(raw[rows], stopped[rows], self.stage.reward_configs[j],
-                                          self.score_moments[j], self.stop_token_id is not None)
+                                          self.score_moments[j], bool(self.stop_token_ids))
         return self.local_rows(scores, batch.raw_scores)
 
     # ------------------------------------------------------------------ global (all-process) statistics

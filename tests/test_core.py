@@ -152,11 +152,14 @@ def test_shaped_rewards_put_the_score_on_the_last_response_token():
 
 def test_response_mask_keeps_the_stop_token_and_cuts_after_it():
     responses = torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8], [0, 3, 3, 3]])
-    mask, stopped = core.response_mask_from_stop(responses, stop_token_id=0)
+    mask, stopped = core.response_mask_from_stop(responses, [0])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert stopped.tolist() == [True, False, True]
-    mask, stopped = core.response_mask_from_stop(responses, stop_token_id=None)
+    mask, stopped = core.response_mask_from_stop(responses, [])
     assert mask.sum().item() == 12 and not stopped.any()
+    mask, stopped = core.response_mask_from_stop(responses, [7, 3])  # the first of several stop tokens
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0]]
+    assert stopped.tolist() == [True, True, True]
 
 
 def test_logprobs_and_entropy_from_logits():

@@ -84,6 +84,30 @@ def test_saved_policy_keeps_the_checkpoint_generation_config(tmp_path, tiny_conf
     assert saved["repetition_penalty"] == 3.0 and saved["suppress_tokens"] == [10, 11]
 
 
+def test_every_end_of_sequence_token_the_checkpoint_declares_stops_a_response(tmp_path, tiny_config, cppo_cache):
+    """Chat models end a turn with a token their tokenizer may not call EOS (Llama 3's <|eot_id|>)."""
+    from cppo.rollout import generate
+
+    path = build_tiny_gpt2(tmp_path / "two-eos", seed=4)
+    config = json.loads((path / "generation_config.json").read_text())
+    end_of_turn = 7
+    config["eos_token_id"] = [config["eos_token_id"], end_of_turn]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    trainer = build_trainer(load_config(tiny_config, quick_overrides(tmp_path / "out", **{"model.policy": path})))
+    assert trainer.stop_token_ids == [trainer.tokenizer.eos_token_id, end_of_turn]
+
+    class EndsTurns(type(trainer.unwrapped.policy)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[..., end_of_turn] += 100.0
+            return out
+
+    policy = EndsTurns.from_pretrained(path)
+    responses, mask, stopped = generate(policy, torch.tensor([[20, 21, 22]]), torch.ones(1, 3, dtype=torch.long),
+                                        trainer.generation_config, trainer.stop_token_ids, 1, 1)
+    assert responses.tolist() == [[end_of_turn]] and stopped.all()
+
+
 def test_lora_dropout_never_makes_training_logprobs_differ_from_the_rollout(cppo_cache):
     source = resolve_model_source("builtin:tiny-gpt2", "model.policy")
     policy = load_policy(source, ModelConfig(lora_r=8, lora_dropout=0.5), pad_token_id=1)
@@ -241,6 +265,27 @@ def test_plain_prompts_get_the_tokenizers_bos_but_no_eos(tmp_path):
     assert kept.ids[1][0] == bos and len(kept.ids[1]) == 10 and tokenizer.eos_token_id not in kept.ids[1]
     assert kept.texts[0] == "a fruit:"  # reward functions see the text, not the special tokens
     assert kept.texts[1] == "x" * 9 and kept.counts["truncated"] == 1
+
+
+def test_truncating_a_chat_prompt_keeps_its_template_whole(tmp_path, cppo_cache):
+    from cppo.config import DataConfig
+    from cppo.data import build_prompt_set
+    from cppo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_source("builtin:tiny-gpt2", "model.policy"))
+    tokenizer.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}answer:{% endif %}")
+    prompts = tmp_path / "chat.jsonl"
+    long_question = "tell me everything about " + "the cat " * 20 + "now?"
+    rows = [[{"role": "system", "content": "be brief."}, {"role": "user", "content": long_question}],
+            [{"role": "system", "content": "x" * 60}, {"role": "user", "content": "hi?"}]]
+    prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    kept = build_prompt_set(DataConfig(path=str(prompts), prompt_field="messages", max_prompt_length=48), tokenizer,
+                            0, "prompts")
+    assert kept.counts == {"truncated": 1, "dropped": 1}  # the second one's template alone is too long
+    text = kept.texts[0]
+    assert text.startswith("<|endoftext|>system: be brief.\n<|endoftext|>user: ") and text.endswith("now?\nanswer:")
+    assert len(kept.ids[0]) <= 48 and kept.ids[0] == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_cppo_with_ppo_ablations_is_bit_identical_to_ppo(tmp_path, tiny_config):

@@ -269,9 +269,9 @@ def test_without_a_stop_token_responses_run_to_full_length(cppo_cache):
     prompt_ids, prompt_mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long)
     eos = policy.config.eos_token_id
     responses, mask, stopped = generate(policy, prompt_ids, prompt_mask, make_generation_config(
-        None, 1, do_sample=True, max_new_tokens=6, top_k=0), None, 1, 2)
+        [], 1, do_sample=True, max_new_tokens=6, top_k=0), [], 1, 2)
     assert responses.shape == (2, 6) and mask.sum() == 12 and not stopped.any()
     assert (responses == eos).all()
     responses, mask, stopped = generate(policy, prompt_ids, prompt_mask, make_generation_config(
-        eos, 1, do_sample=True, max_new_tokens=6, top_k=0), eos, 1, 2)
+        [eos], 1, do_sample=True, max_new_tokens=6, top_k=0), [eos], 1, 2)
     assert responses.shape == (2, 1) and mask.sum() == 2 and stopped.all()
