@@ -16,8 +16,14 @@ from accelerate import Accelerator
 
 from .config import Config, UserError
 from .data import PromptSet, build_prompt_set, check_data_source
-from .models import (checkpoint_generation_config, is_causal_type, load_tokenizer, model_type_of, resolve_model_source,
-                     same_tokenizer)
+from .models import (
+    checkpoint_generation_config,
+    is_causal_type,
+    load_tokenizer,
+    model_type_of,
+    resolve_model_source,
+    same_tokenizer,
+)
 from .rewards import RewardBank, import_reward_function
 from .tracking import Tracker
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import string
 
 SUBJECTS = ["the cat", "a river", "my friend", "the old town", "a small robot", "the garden", "our team",
              "the night sky", "a quiet street", "the market", "this song", "the winter", "a letter", "the map"]
