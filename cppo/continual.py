@@ -114,9 +114,11 @@ def _checkpoint_sampling(source: str) -> dict:
     checkpoint = checkpoint_generation_config(source)
     if checkpoint is None:
         return {}
+    # Token ids, lengths and the shape of generate's output stay ours; the rest is how to decode.
     ours = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
-            "transformers_version"}
-    return {k: v for k, v in checkpoint.to_diff_dict().items() if k not in ours}
+            "transformers_version", "return_dict_in_generate", "num_return_sequences"}
+    return {k: v for k, v in checkpoint.to_diff_dict().items()
+            if k not in ours and not k.startswith(("_", "output_"))}
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
