@@ -170,20 +170,6 @@ def reward_of(config_overrides, tmp_path, tiny_config, prompts, completions):
     return trainer.rewards[0](prompts, completions, input_ids, attention_mask)
 
 
-def test_encoder_reward_model_scores_like_its_own_forward(tmp_path, tiny_config, tiny_bert_reward):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    prompts, completions = ["describe the cat:", "name a fruit:"], [" it is small.", " apple"]
-    scores = reward_of({"tasks.0.reward.function": "null", "tasks.0.reward.model": tiny_bert_reward},
-                       tmp_path, tiny_config, prompts, completions)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_reward).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_reward)
-    with torch.no_grad():
-        expected = torch.cat([model(**tokenizer(p + c, return_tensors="pt")).logits[:, 0]
-                              for p, c in zip(prompts, completions, strict=True)])
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
-
-
 def shuffled_tiny_gpt2(path):
     """A tiny GPT-2 whose tokenizer numbers the same characters differently from builtin:tiny-gpt2's."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -204,10 +190,12 @@ def shuffled_tiny_gpt2(path):
     return path
 
 
-def test_decoder_reward_model_with_another_tokenizer_scores_its_own_tokens(tmp_path, tiny_config):
+@pytest.mark.parametrize("kind", ["encoder", "decoder_with_another_tokenizer"])
+def test_reward_model_scores_like_its_own_forward(tmp_path, tiny_config, tiny_bert_reward, kind):
+    """A BERT classifier scores through its pooler; a GPT-2 with another tokenizer scores its own tokens."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    reward_dir = shuffled_tiny_gpt2(tmp_path / "shuffled-rm")
+    reward_dir = tiny_bert_reward if kind == "encoder" else shuffled_tiny_gpt2(tmp_path / "shuffled-rm")
     prompts, completions = ["describe the cat:", "name a fruit:"], [" it is small.", " apple"]
     scores = reward_of({"tasks.0.reward.function": "null", "tasks.0.reward.model": reward_dir},
                        tmp_path, tiny_config, prompts, completions)
