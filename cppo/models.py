@@ -286,7 +286,7 @@ def scalar_head(model: nn.Module) -> nn.Module:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
             return head
-    raise UserError(f"{type(model).__name__} has no scalar head (score/classifier) to use as a critic or reward")
+    raise UserError(f"{type(model).__name__} has no scalar head (score/classifier) to use as a critic")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
