@@ -100,19 +100,26 @@ class CheckpointWriter:
 
     def __exit__(self, kind, value, traceback) -> None:
         self.accelerator.wait_for_everyone()
-        if kind is None and self.accelerator.is_main_process:
-            files = sorted(p for p in self.staging.iterdir() if p.is_file())
-            for path in files:
-                _fsync(path)
-            manifest = {p.name: _sha256(p) for p in files}
-            (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _fsync(self.staging / MANIFEST)
-            failpoint(f"checkpoint:{self.final.name}:before_rename")
-            if self.final.exists():  # a resumed run writing the same step again
-                shutil.rmtree(self.final)
-            os.replace(self.staging, self.final)
-            _fsync(self.root)
+        if self.accelerator.is_main_process:
+            try:
+                if kind is None:
+                    self._publish()
+            finally:
+                shutil.rmtree(self.staging, ignore_errors=True)  # after a failed write: no half checkpoint left
         self.accelerator.wait_for_everyone()
+
+    def _publish(self) -> None:
+        files = sorted(p for p in self.staging.iterdir() if p.is_file())
+        for path in files:
+            _fsync(path)
+        manifest = {p.name: _sha256(p) for p in files}
+        (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(self.staging / MANIFEST)
+        failpoint(f"checkpoint:{self.final.name}:before_rename")
+        if self.final.exists():  # a resumed run writing the same step again
+            shutil.rmtree(self.final)
+        os.replace(self.staging, self.final)
+        _fsync(self.root)
 
 
 def verify(directory: Path) -> str | None:

@@ -1,10 +1,17 @@
-"""Command line: `cppo train CONFIG [key=value ...]` (also `python -m cppo`, `accelerate launch -m cppo`)."""
+"""Command line: `cppo train CONFIG [key=value ...]` (also `python -m cppo`, `accelerate launch -m cppo`).
+
+A mistake in what the user gave (config, data, reward code, output directory) ends the process with
+one line, `cppo: error: ...`, and exit code 2. When the mistake raised an exception in the user's code
+(or a write failed), its whole traceback is saved to a log file that the line names; `CPPO_DEBUG=1`
+raises it instead, traceback on the terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 
 from .config import UserError, load_config
 
@@ -17,7 +24,7 @@ def train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     from .continual import run
 
-    summary = run(config, resume=args.resume, force=args.force)
+    summary = run(config, resume=args.resume, force=args.force, overwrite=args.overwrite)
     if "preempted" in summary:
         return 0
     if _is_main_process():
@@ -54,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue from the newest valid checkpoint in output_dir, or from CHECKPOINT")
     p.add_argument("--force", action="store_true",
                    help="resume even if result-changing config fields or the prompts differ (with a warning)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty output_dir: what it holds is removed once this run has "
+                        "finished its first step")
     p.set_defaults(run=train)
     p = commands.add_parser("demo", help="the whole pipeline offline on CPU: data, SFT, reward models, "
                                          "PPO and CPPO over three domains, report")
@@ -64,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("build-tiny", help="write a tiny offline GPT-2 and its tokenizer to a directory")
     p.add_argument("out_dir")
     p.set_defaults(run=build_tiny)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # `key=value` overrides may also come after the flags (`cppo train c.yaml --resume ppo.steps=80`).
+    stray = [a for a in unknown if a.startswith("-") or "=" not in a]
+    if stray or (unknown and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading/saving bars would bury the training progress
@@ -74,9 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as e:
-        if _is_main_process():
-            print(f"cppo: error: {e}", file=sys.stderr)
+        if os.environ.get("CPPO_DEBUG", "0") not in ("", "0"):
+            raise
+        report(e)
         return 2
+
+
+def report(error: UserError) -> None:
+    """The one line. An error that wraps an exception (the user's code raised, a write failed) may be
+    one process's own, so every process that hit it reports it, naming the log with its traceback;
+    any other error is the same on every process and the main process alone reports it."""
+    from .outputs import write_error_log
+
+    wraps = error.__cause__ is not None
+    if not wraps and not _is_main_process():
+        return
+    rank = "" if _is_main_process() else f"[rank {os.environ['RANK']}] "
+    line = f"cppo: error: {rank}{error}"
+    if wraps:
+        log = write_error_log(error, getattr(error, "output_dir", None))
+        if log is None:  # nowhere to keep it: the traceback goes to the terminal rather than be lost
+            traceback.print_exception(error)
+        line += f" (traceback: {log})" if log else ""
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,14 @@ import yaml
 
 
 class UserError(Exception):
-    """A mistake in what the user gave us (config, files, callables): reported as one line, exit code 2."""
+    """A mistake in what the user gave us (config, files, callables): reported as one line, exit code 2.
+    Raised `from` the exception it reports (the user's code raised), it keeps that traceback for the log."""
+
+
+def exception_line(error: BaseException) -> str:
+    """'RuntimeError: reward server down': an exception as one line (its message's first line)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 @dataclass
@@ -280,6 +287,14 @@ class PPOConfig:
     """Standardise advantages over the global rollout batch (response tokens only)."""
     forward_batch_size: int | None = None
     """Sequences per no-grad forward pass at rollout time (log-probs, values); null = the local batch."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite reward, log-prob, value estimate, loss term or gradient norm never reaches the weights:
+    `stop` ends the run before the optimiser step, with one line naming the step and the quantity (the
+    last checkpoint is intact); `skip` drops that step's rollout, or that one update, and counts it
+    (`nonfinite/skipped_step`, `nonfinite/skipped_updates`). Under fp16 the loss scaler handles
+    non-finite gradients itself."""
+    max_nonfinite_skips: int = 10
+    """With `on_nonfinite: skip`: stop anyway when one more would be skipped after this many in a task."""
 
     def validate(self, num_processes: int = 1) -> None:
         for name in ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
@@ -301,6 +316,7 @@ class PPOConfig:
         _check(self.kl_horizon > 0, "ppo.kl_horizon", self.kl_horizon, "> 0")
         _check(self.forward_batch_size is None or self.forward_batch_size > 0, "ppo.forward_batch_size",
                self.forward_batch_size, "> 0 or null")
+        _check(self.max_nonfinite_skips >= 0, "ppo.max_nonfinite_skips", self.max_nonfinite_skips, ">= 0")
         _check(self.rollout_batch_size % self.mini_batch_size == 0, "ppo.rollout_batch_size",
                self.rollout_batch_size, f"a multiple of ppo.mini_batch_size ({self.mini_batch_size})")
         per_step = num_processes * self.gradient_accumulation_steps
@@ -540,7 +556,7 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
 
 # Fields that change how a run is reported or saved, never what it computes: they may differ on resume.
 RESUME_SAFE_FIELDS = {"output_dir", "report_to", "project", "run_name", "logging_steps", "save_steps",
-                      "save_total_limit"}
+                      "save_total_limit", "ppo.on_nonfinite", "ppo.max_nonfinite_skips"}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import shutil
 import signal
 import sys
+import time
 import uuid
 import warnings
 from dataclasses import replace
@@ -21,11 +22,12 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from .checkpoint import STATE, CheckpointWriter, checkpoints, failpoint, prune, read_state, resolve_resume
+from .checkpoint import STATE, CheckpointWriter, failpoint, prune, read_state, resolve_resume
 from .config import Config, UserError, config_differences
 from .data import PromptSet, build_prompt_set, left_pad
 from .metrics import summarize
 from .models import checkpoint_generation_config, load_frozen
+from .outputs import OutputDir, writing
 from .regularizers import build_regularizer
 from .rollout import generate, make_generation_config
 from .session import Session, Stage, first_stage, open_session, task_prompts
@@ -99,6 +101,10 @@ class Evaluator:
                     rows.extend(zip(chunk, scores.tolist(), completions, strict=True))
             everything = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
             scores = [score for _, score, _ in everything]
+            bad = sum(not math.isfinite(score) for score in scores)
+            if bad:
+                raise UserError(f"evaluation of task {name!r}: {self.rewards[name]} returned a non-finite score "
+                                f"for {bad} of {len(scores)} prompts")
             result = {"reward": sum(scores) / len(scores), "rouge_l": None}
             references = prompts.references
             if all(r is not None for r in references):
@@ -164,9 +170,11 @@ class EvalMatrix:
                 out[kind] = summarize(kept)
         return out
 
-    def write(self, accelerator) -> None:
-        if accelerator.is_main_process:
-            _write_json(self.path, self.to_dict())
+    def write(self, session: Session) -> None:
+        session.output.claim()
+        if session.accelerator.is_main_process:
+            with writing(self.path, "the evaluation matrix"):
+                _write_json(self.path, self.to_dict())
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -194,14 +202,18 @@ class Checkpointer:
         self.stage_index = 0
         self.final_stats: dict = {}
         self.stop_requested = False  # set by SIGTERM / SIGINT
+        self.stop_requested_at = 0.0
 
     @contextlib.contextmanager
     def signal_handlers(self):
         """SIGTERM and SIGINT ask for a stop at the end of the current step, while the run lasts."""
         def request_stop(signum, frame):
-            if self.stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C stops at once
-            self.stop_requested = True
+            # A second Ctrl-C stops at once. Under `accelerate launch` each process gets a Ctrl-C twice at
+            # once (from the terminal, and forwarded by the launcher): a repeat within a second is that echo.
+            if self.stop_requested and signum == signal.SIGINT and time.monotonic() - self.stop_requested_at > 1.0:
+                raise KeyboardInterrupt
+            if not self.stop_requested:
+                self.stop_requested, self.stop_requested_at = True, time.monotonic()
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -227,8 +239,9 @@ class Checkpointer:
     def save(self, global_step: int, trainer: PPOTrainer | None = None, stage_complete: bool = False) -> Path:
         acc = self.session.accelerator
         config = self.session.config
+        self.session.output.claim()
         writer = CheckpointWriter(acc, config.output_dir, global_step)
-        with writer as directory:
+        with writing(writer.final, "checkpoint"), writer as directory:
             state = {"global_step": global_step, "stage_index": self.stage_index, "stage_complete": stage_complete,
                      "matrix": {"row_names": self.matrix.row_names, "rows": self.matrix.rows},
                      "run_id": self.run_id, "final_stats": self.final_stats, "config": config.to_dict()}
@@ -244,12 +257,23 @@ class Checkpointer:
         return writer.final
 
 
-def run(config: Config, resume: str | None = None, force: bool = False) -> dict:
+def run(config: Config, resume: str | None = None, force: bool = False, overwrite: bool = False) -> dict:
     """Train the configured task stream and evaluate after each task; returns the summary.
 
-    `resume`: "auto" (the newest valid checkpoint in output_dir) or a checkpoint directory.
+    `resume`: "auto" (the newest valid checkpoint in output_dir) or a checkpoint directory. Without it,
+    a non-empty output_dir is refused unless `overwrite` (cppo.outputs).
     """
-    session = open_session(config)
+    output = OutputDir(config.output_dir, resume is not None, overwrite, os.environ.get("RANK", "0") == "0")
+    output.check()
+    try:
+        return _run(config, output, resume, force)
+    except UserError as e:
+        e.output_dir = output.path if output.claimed else None  # where the error log goes (cli)
+        raise
+
+
+def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> dict:
+    session = open_session(config, output)
     acc, out = session.accelerator, Path(config.output_dir)
     checkpoint = resolve_resume(resume, out) if resume else None
     state = read_state(checkpoint) if checkpoint else None
@@ -261,8 +285,6 @@ def run(config: Config, resume: str | None = None, force: bool = False) -> dict:
     matrix = EvalMatrix(evaluator.task_names, out / "eval_matrix.json",
                         config.eval_reward.model or config.eval_reward.function if config.eval_reward else None)
     regularizer = build_regularizer(config)
-    if state is None:
-        _clear_earlier_run(out, acc)
     run_id = state["run_id"] if state else uuid.uuid4().hex[:12]
     session.tracker.resume(run_id, state["global_step"] if state else None)
     checkpointer = Checkpointer(session, matrix, regularizer, run_id)
@@ -292,7 +314,7 @@ def run(config: Config, resume: str | None = None, force: bool = False) -> dict:
                     regularizer.task_end(trainer)
                 if evaluator.sets:
                     matrix.append(f"after {stage.name}", evaluator.evaluate(trainer.unwrapped.policy))
-                    matrix.write(acc)
+                    matrix.write(session)
                     session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
                 failpoint(f"task_end:{stage.name}")
                 checkpointer.save(trainer.global_step, stage_complete=True)
@@ -304,27 +326,16 @@ def run(config: Config, resume: str | None = None, force: bool = False) -> dict:
             session.tracker.finish()
             return {"preempted": str(stop.checkpoint), "final_stats": checkpointer.final_stats}
     summary = {"final_stats": checkpointer.final_stats, **matrix.summary()}
+    output.claim()
     if acc.is_main_process:
-        _link_final(out, last_dir)
-        _write_json(out / "summary.json", summary)
+        with writing(out, "the final models' links and summary.json in"):
+            _link_final(out, last_dir)
+            _write_json(out / "summary.json", summary)
         if evaluator.sets:
             print(format_table(matrix), flush=True)
     acc.wait_for_everyone()
     session.tracker.finish()
     return summary
-
-
-def _clear_earlier_run(out: Path, accelerator) -> None:
-    """A fresh run in a directory that holds an earlier run's files starts over: its checkpoints would
-    otherwise be taken for this run's by a later --resume, and its metrics would mix with these."""
-    if accelerator.is_main_process and checkpoints(out):
-        print(f"cppo: {out} holds an earlier run's checkpoints; starting over (--resume continues a run)",
-              file=sys.stderr, flush=True)
-        shutil.rmtree(out / "checkpoints")
-    if accelerator.is_main_process:
-        for name in ("metrics.jsonl", "eval_matrix.json", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
 
 
 def _check_resumable(state: dict, config: Config, checkpoint: Path, force: bool) -> None:

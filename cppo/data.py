@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, UserError
+from .config import DataConfig, UserError, exception_line
 
 # Builtin prompt sets: name → (number of prompts, seed)
 BUILTIN_PROMPTS = {"builtin:toy-prompts": (512, 0), "builtin:toy-prompts-eval": (64, 1)}
@@ -42,22 +42,27 @@ def load_rows(cfg: DataConfig, name: str = "data") -> list[dict]:
         import datasets
 
         path = Path(cfg.path).expanduser()
+        if path.is_file() and path.suffix != ".parquet":
+            _check_text_file(path, name)
         try:
             if path.is_file():
                 dataset = datasets.load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
             else:
                 dataset = datasets.load_dataset(cfg.path, split=cfg.split)
-        except Exception as e:  # datasets raises many types for unreadable or unreachable data
-            raise UserError(f"{name}.path: cannot load {cfg.path!r}: {str(e).splitlines()[0]}") from None
-        for field_name in (cfg.prompt_field, cfg.reference_field, cfg.filter_field):
-            if field_name is not None and field_name not in dataset.column_names:
-                what = {cfg.prompt_field: "prompt_field", cfg.reference_field: "reference_field"}.get(
-                    field_name, "filter_field")
-                raise UserError(f"{name}.{what}: column {field_name!r} not in {cfg.path} "
-                                f"(columns: {', '.join(dataset.column_names)})")
-        if cfg.filter_field is not None:
-            dataset = dataset.filter(lambda row: str(row[cfg.filter_field]) == cfg.filter_value)
-        rows = list(dataset)
+            for field_name in (cfg.prompt_field, cfg.reference_field, cfg.filter_field):
+                if field_name is not None and field_name not in dataset.column_names:
+                    what = {cfg.prompt_field: "prompt_field", cfg.reference_field: "reference_field"}.get(
+                        field_name, "filter_field")
+                    raise UserError(f"{name}.{what}: column {field_name!r} not in {cfg.path} "
+                                    f"(columns: {', '.join(dataset.column_names)})")
+            _check_field_types(dataset, cfg, name)
+            if cfg.filter_field is not None:
+                dataset = dataset.filter(lambda row: str(row[cfg.filter_field]) == cfg.filter_value)
+            rows = list(dataset)
+        except UserError:
+            raise
+        except Exception as e:  # datasets and pyarrow raise many types for unreadable or unreachable data
+            raise UserError(f"{name}.path: cannot load {cfg.path!r}: {exception_line(e)}") from e
     if cfg.max_samples is not None:
         rows = rows[:cfg.max_samples]
     rows = [r for r in rows if _non_empty(r[cfg.prompt_field])]
@@ -65,6 +70,38 @@ def load_rows(cfg: DataConfig, name: str = "data") -> list[dict]:
         raise UserError(f"{name}.path: {cfg.path} has no non-empty prompts in column {cfg.prompt_field!r}"
                         + (f" with {cfg.filter_field} = {cfg.filter_value!r}" if cfg.filter_field else ""))
     return rows
+
+
+def _check_text_file(path: Path, name: str) -> None:
+    """A local text file that is empty or not UTF-8, reported before `datasets` fails on it obscurely."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{name}.path: {path} is empty")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{name}.path: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                        "save it as UTF-8") from None
+
+
+def _is_message_list(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def _check_field_types(dataset, cfg: DataConfig, name: str) -> None:
+    """Every prompt is text or a list of chat messages, every reference text: else one line naming the
+    row (counted from 1 in the file) and what it holds."""
+    checks = [("prompt_field", cfg.prompt_field, lambda v: v is None or isinstance(v, str) or _is_message_list(v),
+               "text or a list of chat messages {role, content}")]
+    if cfg.reference_field is not None:
+        checks.append(("reference_field", cfg.reference_field, lambda v: v is None or isinstance(v, str), "text"))
+    for what, column, allowed, description in checks:
+        for row, value in enumerate(dataset[column], start=1):
+            if not allowed(value):
+                raise UserError(f"{name}.{what}: row {row} of {cfg.path}: {column!r} is {_short(value)} "
+                                f"({type(value).__name__}); it must be {description}")
 
 
 def _non_empty(prompt) -> bool:
@@ -88,7 +125,16 @@ def format_prompt(prompt, tokenizer, mode: str, name: str) -> str:
         raise UserError(f"{name}: the prompts need a chat template and the tokenizer has none "
                         f"(set {name}.chat_template: never for plain-text prompts)")
     messages = prompt if conversational else [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # a checkpoint's own (Jinja) template may raise on what it does not accept
+        raise UserError(f"{name}: the tokenizer's chat template raised {exception_line(e)} on the prompt "
+                        f"{_short(messages)}") from e
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass

@@ -294,7 +294,8 @@ def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[s
         log(f"continual run: {method} in order over {', '.join(d.name for d in DOMAINS)}")
         config = continual_config(artifacts, output_dir / "runs" / method, method, seed, sizes.steps_per_task)
         reset_accelerate_state()  # trl's trainers and the previous run left theirs
-        if "preempted" in continual.run(config):
+        # The demo's own earlier output is replaced (once the new run has finished its first step).
+        if "preempted" in continual.run(config, overwrite=True):
             log("demo stopped by a signal; run it again to finish")
             return {"preempted": True}
         runs[method] = report.load_run(output_dir / "runs" / method)

@@ -184,6 +184,22 @@ def model_type_of(source: str, trust_remote_code: bool = False) -> str:
         raise UserError(f"cannot load model config {source!r}: {str(e).splitlines()[0]}") from None
 
 
+def context_length(source: str, trust_remote_code: bool = False) -> int | None:
+    """Positions the model was built for (`max_position_embeddings`, GPT-2's `n_positions`), if it says."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model config {source!r}: {str(e).splitlines()[0]}") from None
+    config = getattr(config, "get_text_config", lambda: config)()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs):
     dtype = getattr(torch, cfg.dtype)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RewardConfig, UserError
+from .config import RewardConfig, UserError, exception_line
 from .models import (
     is_causal_type,
     load_frozen,
@@ -45,7 +45,7 @@ def import_reward_function(spec: str) -> Callable:
     except UserError:
         raise
     except Exception as e:  # the user's module may raise anything on import
-        raise UserError(f"reward.function: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+        raise UserError(f"reward.function: cannot import {module_name!r}: {exception_line(e)}") from e
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"reward.function: {module_name!r} has no callable {function_name!r}")
@@ -61,22 +61,25 @@ class CallableReward:
 
     def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
-        values = self.function(list(prompts), list(completions))
+        try:
+            values = self.function(list(prompts), list(completions))
+        except Exception as e:  # the user's code: a failing scorer server, a bug
+            raise UserError(f"reward function {self.spec} raised {exception_line(e)}") from e
         return check_scores(values, len(completions), f"reward function {self.spec}")
+
+    def __str__(self) -> str:
+        return f"reward function {self.spec}"
 
 
 def check_scores(values, expected: int, source: str) -> torch.Tensor:
-    """Scores as a float tensor (B,), or a one-line error for a wrong count or a non-finite value."""
+    """Scores as a float tensor (B,), or a one-line error for a wrong count or type. Non-finite scores
+    are the trainer's to handle (`ppo.on_nonfinite`)."""
     try:
         scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
     except (TypeError, ValueError):
         raise UserError(f"{source} must return a list of numbers, got {type(values).__name__}") from None
     if scores.numel() != expected:
         raise UserError(f"{source} returned {scores.numel()} scores for {expected} completions")
-    bad = (~torch.isfinite(scores)).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise UserError(f"{source} returned a non-finite score ({scores[i].item()}) for completion {i}")
     return scores
 
 
@@ -91,8 +94,8 @@ class ModelReward:
     the left to its context length, so that the end of the response is always scored.
     """
 
-    def __init__(self, model, tokenizer, policy_tokenizer, batch_size: int):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, policy_tokenizer, batch_size: int, source: str = "(in memory)"):
+        self.model, self.tokenizer, self.batch_size, self.source = model, tokenizer, batch_size, source
         config = model.config
         self.reads_policy_ids = is_causal_type(config.model_type) and same_tokenizer(tokenizer, policy_tokenizer)
         self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
@@ -117,10 +120,10 @@ class ModelReward:
         for start in range(0, len(completions), self.batch_size):
             chunk = {k: v[start:start + self.batch_size].to(device) for k, v in inputs.items()}
             scores.append(self.model(**chunk).logits[:, 0].float())
-        result = torch.cat(scores).cpu()
-        if not bool(torch.isfinite(result).all()):
-            raise UserError("reward model returned a non-finite score")
-        return result
+        return torch.cat(scores).cpu()
+
+    def __str__(self) -> str:
+        return f"reward model {self.source}"
 
 
 class RunningMoments:
@@ -189,4 +192,4 @@ class RewardBank:
         tokenizer = load_tokenizer(source, self.model_cfg.trust_remote_code)
         model = load_frozen("AutoModelForSequenceClassification", source, self.model_cfg, tokenizer.pad_token_id,
                             num_labels=1).to(self.device)
-        return ModelReward(model, tokenizer, self.policy_tokenizer, cfg.batch_size)
+        return ModelReward(model, tokenizer, self.policy_tokenizer, cfg.batch_size, cfg.model)

@@ -18,12 +18,14 @@ from .config import Config, UserError
 from .data import PromptSet, build_prompt_set, check_data_source
 from .models import (
     checkpoint_generation_config,
+    context_length,
     is_causal_type,
     load_tokenizer,
     model_type_of,
     resolve_model_source,
     same_tokenizer,
 )
+from .outputs import OutputDir
 from .rewards import RewardBank, import_reward_function
 from .tracking import Tracker
 
@@ -57,6 +59,7 @@ class Session:
     initial_policy: str  # resolved source of π_0
     rewards: RewardBank
     stop_token_ids: list[int]  # a response ends at the first of these (empty: runs to max_new_tokens)
+    output: OutputDir  # every write into output_dir claims it first
 
     @property
     def device(self) -> torch.device:
@@ -73,7 +76,9 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def open_session(config: Config) -> Session:
+def open_session(config: Config, output: OutputDir | None = None) -> Session:
+    """`output`: the run's checked output directory (cppo.continual.run); library callers that pass
+    none write into `config.output_dir` as it is."""
     check_sources(config)
     # cpu=True without an accelerator makes a multi-process launch use gloo on the CPU.
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
@@ -84,9 +89,29 @@ def open_session(config: Config) -> Session:
     tokenizer = load_tokenizer(resolve_model_source(mcfg.tokenizer, "model.tokenizer") if mcfg.tokenizer else initial,
                                mcfg.trust_remote_code)
     check_critic(config, initial, tokenizer)
-    return Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config), tokenizer=tokenizer,
-                   initial_policy=initial, rewards=RewardBank(tokenizer, mcfg, accelerator.device),
-                   stop_token_ids=_stop_token_ids(config, tokenizer, initial))
+    check_context(config, initial)
+    output = output or OutputDir(config.output_dir, resume=False, overwrite=False)
+    output.is_main_process = accelerator.is_main_process
+    return Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config, output),
+                   tokenizer=tokenizer, initial_policy=initial, rewards=RewardBank(tokenizer, mcfg, accelerator.device),
+                   stop_token_ids=_stop_token_ids(config, tokenizer, initial), output=output)
+
+
+def check_context(config: Config, policy_source: str) -> None:
+    """The longest sequence a task can make (its longest prompt plus the response) fits the policy's
+    context; else one line before any weights load (a model fed positions past its context fails deep
+    inside its forward, or silently degrades)."""
+    limit = context_length(policy_source, config.model.trust_remote_code)
+    if limit is None:
+        return
+    gen, ecfg = config.generation.max_new_tokens, config.eval.max_new_tokens or config.generation.max_new_tokens
+    for index, task in enumerate(config.tasks):
+        for kind, data, new_tokens, new_field in (("prompts", task.prompts, gen, "generation.max_new_tokens"),
+                                                  ("eval_prompts", task.eval_prompts, ecfg, "eval.max_new_tokens")):
+            if data is not None and data.max_prompt_length + new_tokens > limit:
+                raise UserError(f"tasks[{index}].{kind}.max_prompt_length + {new_field} = {data.max_prompt_length} "
+                                f"+ {new_tokens} exceeds the {limit}-token context of model.policy "
+                                f"{config.model.policy!r}; lower one of them")
 
 
 def critic_source(config: Config) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """Metrics out: metrics.jsonl, the resolved config, wandb / tensorboard (through accelerate's trackers),
 and progress on the terminal. Only the main process writes; nothing is written before the first
-step has finished, so a run that fails on its inputs leaves no half-made output directory."""
+step has finished (the first write claims the output directory, cppo.outputs), so a run that fails on
+its inputs or its first step leaves the directory as it was."""
 
 from __future__ import annotations
 
@@ -13,25 +14,30 @@ from datetime import timedelta
 from pathlib import Path
 
 from .config import Config, dump_config
+from .outputs import OutputDir, writing
 
 # Shown on the progress bar / plain progress lines, in this order.
 _PROGRESS_KEYS = {"reward/mean": "reward", "kl/mean": "kl", "policy/clipfrac": "clipfrac"}
 
 
 class Tracker:
-    def __init__(self, accelerator, config: Config):
-        self.accelerator, self.config = accelerator, config
+    def __init__(self, accelerator, config: Config, output: OutputDir):
+        self.accelerator, self.config, self.output = accelerator, config, output
         self.output_dir = Path(config.output_dir)
         self.enabled = accelerator.is_main_process
         self._started = False
         self.run_id: str | None = None
+        self.resumed_step: int | None = None
 
     def resume(self, run_id: str, step: int | None) -> None:
-        """Log under `run_id` (a resumed run continues its wandb run); when resuming from `step`, drop
-        the metrics lines written after it, so the replayed steps are neither missing nor doubled."""
-        self.run_id = run_id
+        """Log under `run_id` (a resumed run continues its wandb run); when resuming from `step`, the
+        metrics lines written after it are dropped at the first write (`_start`), so the replayed steps
+        are neither missing nor doubled, and a resume that fails early changes nothing."""
+        self.run_id, self.resumed_step = run_id, step
+
+    def _drop_lines_after(self, step: int) -> None:
         path = self.output_dir / "metrics.jsonl"
-        if step is None or not self.enabled or not path.is_file():
+        if not path.is_file():
             return
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         temporary = path.with_suffix(".jsonl.tmp")
@@ -39,8 +45,11 @@ class Tracker:
         os.replace(temporary, path)
 
     def _start(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.config, self.output_dir / "config.yaml")
+        self.output.claim()
+        with writing(self.output_dir, "metrics.jsonl and config.yaml in"):
+            if self.resumed_step is not None:
+                self._drop_lines_after(self.resumed_step)
+            dump_config(self.config, self.output_dir / "config.yaml")
         if self.config.report_to:
             run_name = self.config.run_name or self.output_dir.name
             init_kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir), "id": self.run_id,
@@ -51,12 +60,12 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
+            self.output.claim()  # on every process: the directory is this run's now (where its error log goes)
             return
         if not self._started:
             self._start()
-        row = {"step": step, **metrics}
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with writing(self.output_dir / "metrics.jsonl", "metrics"), open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.config.report_to:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +24,7 @@ from .checkpoint import failpoint, restore_rng, rng_state
 from .config import Config, UserError
 from .data import PromptStream, left_pad
 from .models import ActorCritic, checkpoint_generation_config, load_frozen, load_policy, load_value_model
+from .outputs import writing
 from .rewards import RunningMoments, process_scores
 from .rollout import Rollout, generate, make_generation_config, response_logprobs, response_values
 from .session import Session, Stage
@@ -72,6 +75,7 @@ class PPOTrainer:
             self.stop_token_ids, pad, do_sample=True, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
             top_k=gcfg.top_k, top_p=gcfg.top_p)
         self.kl_coef = config.ppo.kl_coef
+        self.nonfinite_skips = 0  # steps and updates dropped for a non-finite value in this stage
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self.step_in_stage = 0
         if regularizer is not None:
@@ -127,6 +131,11 @@ class PPOTrainer:
         """One PPO step on the next batch of prompts; returns the step's global stats."""
         start = time.perf_counter()
         batch, generate_s = self.make_rollout()
+        fault = self.rollout_fault(batch)
+        if fault is not None:  # nothing of this rollout may reach the weights, the score moments or the KL
+            self.skip_or_stop(fault)
+            return {"nonfinite/skipped_step": 1.0, "nonfinite/skipped_updates": 0.0,
+                    "time/step_s": time.perf_counter() - start, "time/generate_s": generate_s}
         batch.scores = self.process_scores(batch)
         kl = core.kl_penalty(batch.old_logprobs, batch.ref_logprobs, self.config.ppo.kl_estimator)
         rewards = core.shaped_rewards(batch.scores, kl, batch.response_mask, self.kl_coef)
@@ -286,14 +295,15 @@ class PPOTrainer:
         pcfg, acc = self.config.ppo, self.accelerator
         local_mini = pcfg.mini_batch_size // acc.num_processes
         local_micro = local_mini // pcfg.gradient_accumulation_steps
-        sums: dict[str, torch.Tensor] = {}  # summed over micro-batches, kept on device: no sync per step
-        updates = 0
+        sums: dict[str, torch.Tensor] = {}  # summed over applied updates, kept on device
+        updates = skipped = 0
         self.model.train()
         for _ in range(pcfg.ppo_epochs):
             order = torch.randperm(batch.response_ids.shape[0], generator=self.shuffle_generator)
             for mini in order.split(local_mini):
                 micro_batches = mini.split(local_micro)
                 denominators = self.loss_denominators(batch, mini)
+                update: dict[str, torch.Tensor] = {}  # this update's stats, summed over its micro-batches
                 for i, rows in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else acc.no_sync(self.model):
@@ -304,20 +314,83 @@ class PPOTrainer:
                     for key, value in stats.items():
                         # loss terms add up over micro-batches to the mini-batch's value; the rest average
                         share = 1.0 if key.startswith("loss/") else 1.0 / len(micro_batches)
-                        sums[key] = sums.get(key, 0.0) + value * share
-                if pcfg.max_grad_norm is not None:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), pcfg.max_grad_norm)
-                    sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + grad_norm.detach()
-                self.optimizer.step()
+                        update[key] = update.get(key, 0.0) + value * share
+                update["policy/grad_norm"] = acc.clip_grad_norm_(self.model.parameters(),
+                                                                 pcfg.max_grad_norm or math.inf).detach()
+                fault = self.update_fault(update)
+                if fault is None:
+                    self.optimizer.step()
+                    for key, value in update.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    updates += 1
+                else:
+                    self.skip_or_stop(f"step {self.global_step + 1}, update {updates + skipped + 1}: {fault} "
+                                      "non-finite")
+                    skipped += 1
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                updates += 1
+        out = {"nonfinite/skipped_step": 0.0, "nonfinite/skipped_updates": float(skipped)}
+        if not updates:  # every update was skipped (the same on every process)
+            return out
         names = sorted(sums)
         means = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in names])
         means = means / updates
         # Loss terms carry × processes / global denominators: their mean over processes is the global value.
         means = acc.reduce(means, reduction="mean") if acc.num_processes > 1 else means
-        return dict(zip(names, means.tolist(), strict=True))
+        return {**dict(zip(names, means.tolist(), strict=True)), **out}
+
+    # ------------------------------------------------------------------------- non-finite values
+
+    def rollout_fault(self, batch: Rollout) -> str | None:
+        """What in the rollout is non-finite (counted over every process, so all agree), or None."""
+        real = batch.response_mask.bool()
+        per_token = {"log-probs of the policy": batch.old_logprobs, "log-probs of the reference": batch.ref_logprobs,
+                     "value estimates of the critic": batch.old_values}
+        if batch.anchor_logprobs is not None:
+            per_token["log-probs of the previous task's policy"] = batch.anchor_logprobs
+        bad_score = ~torch.isfinite(batch.raw_scores)
+        counts = torch.stack([*((bad_score & (batch.task == j)).sum() for j in range(len(self.rewards))),
+                              *((~torch.isfinite(x) & real).any(-1).sum() for x in per_token.values())]).float()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        counts = [int(c) for c in counts.tolist()]
+        total, where = self.config.ppo.rollout_batch_size, f"step {self.global_step + 1}"
+        for j, count in enumerate(counts[:len(self.rewards)]):
+            if count:
+                return f"{where}: {self.rewards[j]} returned a non-finite score for {count} of {total} rollouts"
+        for name, count in zip(per_token, counts[len(self.rewards):], strict=True):
+            if count:
+                return f"{where}: the {name} are non-finite in {count} of {total} rollouts"
+        return None
+
+    def update_fault(self, update: dict[str, torch.Tensor]) -> str | None:
+        """Which loss terms (or the gradient norm) of one update are non-finite on any process, or None.
+        Under fp16 the loss scaler skips non-finite gradients itself."""
+        names = [k for k in update if k.startswith("loss/") and k != "loss/total"]
+        if self.config.mixed_precision != "fp16":
+            names.append("policy/grad_norm")
+        bad = torch.stack([~torch.isfinite(torch.as_tensor(update[k])) for k in names]).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="max")
+        found = [name for name, flag in zip(names, bad.tolist(), strict=True) if flag]
+        if not found:
+            return None
+        terms = [n.removeprefix("loss/") for n in found if n.startswith("loss/")]
+        return f"loss term {', '.join(terms)} is" if len(terms) == 1 else \
+            f"loss terms {', '.join(terms)} are" if terms else "the gradient norm is"
+
+    def skip_or_stop(self, fault: str) -> None:
+        """`on_nonfinite: stop` (or too many skips): one line, before anything reaches the weights."""
+        pcfg = self.config.ppo
+        if pcfg.on_nonfinite == "stop" or self.nonfinite_skips >= pcfg.max_nonfinite_skips:
+            why = "" if pcfg.on_nonfinite == "stop" else f" ({self.nonfinite_skips} skipped before)"
+            raise UserError(f"{fault}{why}; stopped before the optimiser step: nothing non-finite reached the "
+                            "weights and the last checkpoint is intact (ppo.on_nonfinite: skip drops such "
+                            "steps and updates)")
+        self.nonfinite_skips += 1
+        if self.accelerator.is_main_process:
+            print(f"cppo: {fault}; skipped ({self.nonfinite_skips} of at most {pcfg.max_nonfinite_skips})",
+                  file=sys.stderr, flush=True)
 
     def loss_denominators(self, batch: Rollout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each loss term's Σ w·m over the whole mini-batch on all processes, ÷ processes.
@@ -370,7 +443,7 @@ class PPOTrainer:
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         torch.save(rng_state(self.shuffle_generator), directory / f"rng_{acc.process_index}.pt")
-        return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef,
+        return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef, "nonfinite_skips": self.nonfinite_skips,
                 "score_moments": [m.state_dict() for m in self.score_moments],
                 "prompt_stream": {**self.prompt_stream.state_dict(), "task": self.stage.name,
                                   "fingerprint": self.stage.prompts.fingerprint()},
@@ -406,6 +479,7 @@ class PPOTrainer:
         restore_rng(torch.load(directory / f"rng_{acc.process_index}.pt", weights_only=False),
                     self.shuffle_generator)
         self.step_in_stage, self.kl_coef = state["step_in_stage"], state["kl_coef"]
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
         for moments, saved in zip(self.score_moments, state["score_moments"], strict=True):
             moments.load_state_dict(saved)
         self.prompt_stream.load_state_dict(stream)
@@ -439,21 +513,26 @@ class PPOTrainer:
     def save_models(self, directory) -> None:
         """The policy (merged if LoRA) and the critic as standard HF directories, with the tokenizer."""
         self.accelerator.wait_for_everyone()
+        self.session.output.claim()
         if self.accelerator.is_main_process:
-            model = self.unwrapped
-            policy = model.policy
-            if self.config.model.lora_r > 0:
-                policy.save_pretrained(directory / "policy_adapter")
-                policy = copy.deepcopy(policy).merge_and_unload()
-            policy.save_pretrained(directory / "policy")
-            # The checkpoint's own generation settings travel with it (rollouts never use them).
-            original = checkpoint_generation_config(self.stage.policy)
-            if original is not None:
-                original.save_pretrained(directory / "policy")
-            self.tokenizer.save_pretrained(directory / "policy")
-            model.value_model.save_pretrained(directory / "value_model")
-            self.tokenizer.save_pretrained(directory / "value_model")
+            with writing(directory, "the models of task " + repr(self.stage.name) + " in"):
+                self._save_models(directory)
         self.accelerator.wait_for_everyone()  # the next task loads what was just written
+
+    def _save_models(self, directory: Path) -> None:
+        model = self.unwrapped
+        policy = model.policy
+        if self.config.model.lora_r > 0:
+            policy.save_pretrained(directory / "policy_adapter")
+            policy = copy.deepcopy(policy).merge_and_unload()
+        policy.save_pretrained(directory / "policy")
+        # The checkpoint's own generation settings travel with it (rollouts never use them).
+        original = checkpoint_generation_config(self.stage.policy)
+        if original is not None:
+            original.save_pretrained(directory / "policy")
+        self.tokenizer.save_pretrained(directory / "policy")
+        model.value_model.save_pretrained(directory / "value_model")
+        self.tokenizer.save_pretrained(directory / "value_model")
 
 
 class CPPOTrainer(PPOTrainer):

@@ -81,6 +81,8 @@ def run_once(artifacts: dict, out: Path, method: str, label: str, seed: int, ste
     command = [sys.executable, "-m", "cppo", "train", str(config_path)]
     if checkpoints(run_dir):  # stopped part-way before: continue from its newest checkpoint, exactly
         command.append("--resume")
+    elif run_dir.is_dir():  # stopped before its first checkpoint: start that run again
+        command.append("--overwrite")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{method} seed {seed} failed:\n{result.stderr[-3000:]}")
