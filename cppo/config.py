@@ -578,5 +578,6 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return names
 
 
-def dump_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML, loadable by `load_config`."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

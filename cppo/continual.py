@@ -27,7 +27,7 @@ from .config import Config, UserError, config_differences
 from .data import PromptSet, build_prompt_set, left_pad
 from .metrics import summarize
 from .models import checkpoint_generation_config, load_frozen
-from .outputs import OutputDir, writing
+from .outputs import OutputDir, replace_text, writing
 from .regularizers import build_regularizer
 from .rollout import generate, make_generation_config
 from .session import Session, Stage, first_stage, open_session, task_prompts
@@ -179,9 +179,7 @@ class EvalMatrix:
 
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    replace_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 class Preempted(Exception):

@@ -73,6 +73,17 @@ class OutputDir:
             print(f"cppo: replaced the earlier contents of {self.path} (--overwrite)", file=sys.stderr, flush=True)
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file renamed over it (removed if the write fails)."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def describe(out: Path, entries: list[Path]) -> str:
     """What a directory holds, in a few words: 'holds an earlier run (2 checkpoints, newest step_…, …)'."""
     found = checkpoints(out)
@@ -109,11 +120,16 @@ def write_error_log(error: BaseException, directory: Path | None) -> Path | None
     candidates = [directory / "error.log"] if directory is not None else []
     candidates.append(cache_dir() / "errors" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     for path in candidates:
+        size = path.stat().st_size if path.is_file() else None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
                 f.write(f"--- {stamp} rank {rank}: {' '.join(sys.argv)}\n{text}\n")
             return path
-        except OSError:
-            continue
+        except OSError:  # a full disk, most likely: leave the file as it was and try the next place
+            with contextlib.suppress(OSError):
+                if size is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    os.truncate(path, size)
     return None

