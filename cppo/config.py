@@ -437,6 +437,21 @@ class Config:
                    "'policy' when the first task's reward is not a reward model")
         return self
 
+    def inputs(self) -> list[tuple[str, str]]:
+        """(field, value) of every model, data file and reward source the run reads (paths or names)."""
+        m = self.model
+        found = [(f"model.{name}", getattr(m, name)) for name in ("policy", "tokenizer", "value_model")]
+        rewards = [(f"tasks[{i}].reward", t.reward) for i, t in enumerate(self.tasks)]
+        rewards += [("eval_reward", self.eval_reward)] if self.eval_reward is not None else []
+        for name, reward in rewards:
+            found.append((f"{name}.model", reward.model) if reward.model is not None else
+                         (f"{name}.function", reward.function.rpartition(":")[0]))
+        for i, task in enumerate(self.tasks):
+            found.append((f"tasks[{i}].prompts.path", task.prompts.path))
+            if task.eval_prompts is not None:
+                found.append((f"tasks[{i}].eval_prompts.path", task.eval_prompts.path))
+        return [(name, value) for name, value in found if value]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

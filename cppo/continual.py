@@ -262,7 +262,7 @@ def run(config: Config, resume: str | None = None, force: bool = False, overwrit
     a non-empty output_dir is refused unless `overwrite` (cppo.outputs).
     """
     output = OutputDir(config.output_dir, resume is not None, overwrite, os.environ.get("RANK", "0") == "0")
-    output.check()
+    output.check(config.inputs())
     try:
         return _run(config, output, resume, force)
     except UserError as e:

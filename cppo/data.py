@@ -44,6 +44,8 @@ def load_rows(cfg: DataConfig, name: str = "data") -> list[dict]:
         path = Path(cfg.path).expanduser()
         if path.is_file() and path.suffix != ".parquet":
             _check_text_file(path, name)
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log would repeat our one line
         try:
             if path.is_file():
                 dataset = datasets.load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
@@ -62,7 +64,12 @@ def load_rows(cfg: DataConfig, name: str = "data") -> list[dict]:
         except UserError:
             raise
         except Exception as e:  # datasets and pyarrow raise many types for unreadable or unreachable data
-            raise UserError(f"{name}.path: cannot load {cfg.path!r}: {exception_line(e)}") from e
+            root = e  # datasets wraps the parser's error ("JSON parse error: ... in row 3") in a generic one
+            while (root.__cause__ or root.__context__) is not None:
+                root = root.__cause__ or root.__context__
+            raise UserError(f"{name}.path: cannot load {cfg.path!r}: {exception_line(root)}") from e
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     if cfg.max_samples is not None:
         rows = rows[:cfg.max_samples]
     rows = [r for r in rows if _non_empty(r[cfg.prompt_field])]

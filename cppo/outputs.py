@@ -31,8 +31,9 @@ class OutputDir:
         self.replaced: list[Path] = []  # what --overwrite removes at the first write
         self.claimed = False
 
-    def check(self) -> None:
-        """Whether this run may use the directory: one line and exit 2 if not; nothing is touched."""
+    def check(self, inputs: list[tuple[str, str]] = ()) -> None:
+        """Whether this run may use the directory: one line and exit 2 if not; nothing is touched.
+        `inputs`: (field, path) the run reads, which --overwrite must not remove."""
         out = self.path
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in output_dir and --overwrite replaces it: give one")
@@ -53,6 +54,12 @@ class OutputDir:
         if not self.overwrite:
             raise UserError(f"output_dir: {out} {describe(out, entries)}; continue that run with --resume, or "
                             "replace it with --overwrite (removed once the new run has finished its first step)")
+        inside = out.resolve()
+        for field, value in inputs:
+            path = Path(value).expanduser()
+            if path.exists() and path.resolve().is_relative_to(inside):
+                raise UserError(f"{field}: {value} lies inside output_dir {out}, which --overwrite would remove; "
+                                "move it out, or write this run elsewhere")
         self.replaced = entries
 
     def claim(self) -> None:

@@ -91,6 +91,13 @@ def test_a_fresh_run_refuses_a_used_directory(used_dir, tmp_path, capfd):
     one_error_line(*train([TINY, *quick_overrides(out), "--resume", "--overwrite"], capfd), "give one")
 
 
+def test_overwrite_refuses_to_remove_what_the_run_reads(used_dir, capfd):
+    out, before = used_dir
+    one_error_line(*train([TINY, *quick_overrides(out), f"model.policy={out / 'policy'}", "--overwrite"], capfd),
+                   f"model.policy: {out / 'policy'} lies inside output_dir {out}, which --overwrite would remove")
+    assert snapshot(out) == before
+
+
 def test_overwrite_replaces_only_after_the_first_step(used_dir, capfd):
     out, before = used_dir
     (out / "notes.txt").write_text("replaced too: --overwrite takes the whole directory")
