@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(error: UserError) -> None:
-    """The one line. An error that wraps an exception (the user's code raised, a write failed) may be
-    one process's own, so every process that hit it reports it, naming the log with its traceback;
-    any other error is the same on every process and the main process alone reports it."""
+    """The one line. An error of this process alone (its share of a batch made the user's code fail) is
+    reported by that process, with its rank; an error that wraps an exception names the log that keeps
+    its traceback; any other error is the same on every process and the main process reports it."""
     from .outputs import write_error_log
 
+    if getattr(error, "quiet", False):  # another process failed and reports it
+        return
     wraps = error.__cause__ is not None
-    if not wraps and not _is_main_process():
+    own = getattr(error, "own", False) or wraps
+    if not own and not _is_main_process():
         return
     rank = "" if _is_main_process() else f"[rank {os.environ['RANK']}] "
     line = f"cppo: error: {rank}{error}"

@@ -77,28 +77,21 @@ class Evaluator:
     def evaluate(self, policy) -> dict[str, dict[str, float | None]]:
         """{task name: {"reward": mean score, "rouge_l": mean F1 or None}}; tasks without an
         evaluation set are left out."""
-        acc, tokenizer, ecfg = self.session.accelerator, self.session.tokenizer, self.session.config.eval
+        acc, ecfg = self.session.accelerator, self.session.config.eval
         was_training = policy.training
         policy.eval()
         results = {}
         for name, prompts in self.sets.items():
             mine = list(range(acc.process_index, len(prompts), acc.num_processes))
-            rows = []
+            rows, failure = [], None
             # The same seed for every row of the matrix: sampled evaluation compares like with like.
             with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
                 torch.manual_seed(ecfg.seed + acc.process_index)
-                for start in range(0, len(mine), ecfg.batch_size):
-                    chunk = mine[start:start + ecfg.batch_size]
-                    ids, mask = left_pad([prompts.ids[i] for i in chunk], tokenizer.pad_token_id)
-                    ids, mask = ids.to(acc.device), mask.to(acc.device)
-                    with acc.autocast():
-                        responses, response_mask, _ = generate(policy, ids, mask, self.generation_config,
-                                                               self.session.stop_token_ids, tokenizer.pad_token_id,
-                                                               len(chunk))
-                    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                    scores = self.rewards[name]([prompts.texts[i] for i in chunk], completions,
-                                                torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1))
-                    rows.extend(zip(chunk, scores.tolist(), completions, strict=True))
+                try:
+                    self._score_share(policy, name, prompts, mine, rows)
+                except UserError as e:  # the user's reward code failed on this process's share
+                    failure = e
+            self.session.fail_together(failure)
             everything = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
             scores = [score for _, score, _ in everything]
             bad = sum(not math.isfinite(score) for score in scores)
@@ -112,6 +105,22 @@ class Evaluator:
             results[name] = result
         policy.train(was_training)
         return results
+
+    def _score_share(self, policy, name: str, prompts: PromptSet, mine: list[int], rows: list) -> None:
+        """Generate for and score this process's evaluation prompts `mine`, appending (index, score,
+        completion) to `rows`."""
+        acc, tokenizer, ecfg = self.session.accelerator, self.session.tokenizer, self.session.config.eval
+        for start in range(0, len(mine), ecfg.batch_size):
+            chunk = mine[start:start + ecfg.batch_size]
+            ids, mask = left_pad([prompts.ids[i] for i in chunk], tokenizer.pad_token_id)
+            ids, mask = ids.to(acc.device), mask.to(acc.device)
+            with acc.autocast():
+                responses, response_mask, _ = generate(policy, ids, mask, self.generation_config,
+                                                       self.session.stop_token_ids, tokenizer.pad_token_id, len(chunk))
+            completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            scores = self.rewards[name]([prompts.texts[i] for i in chunk], completions,
+                                        torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1))
+            rows.extend(zip(chunk, scores.tolist(), completions, strict=True))
 
 
 def _checkpoint_sampling(source: str) -> dict:

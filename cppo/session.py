@@ -65,6 +65,23 @@ class Session:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    def fail_together(self, error: UserError | None) -> None:
+        """Each process runs the user's reward code on its own share of a batch, so one may fail alone;
+        the others would then wait for it in the next collective. All stop here together: the failing
+        ones report their error, the rest exit quietly with the same code."""
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), reduction="max")
+            if not failed.item():
+                return
+            if error is None:
+                error = UserError("another process failed (its error is reported by that process)")
+                error.quiet = True
+            else:
+                error.own = True
+        if error is not None:
+            raise error
+
 
 def reset_accelerate_state() -> None:
     """Forget the Accelerator a previous run in this process made (accelerate keeps its state in

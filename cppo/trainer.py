@@ -199,11 +199,16 @@ class PPOTrainer:
         texts = [prompts.texts[i] for i in indices]
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         raw_scores = torch.zeros(local, device=self.device)
-        for j in task.unique().tolist():  # each prompt is scored by its own task's reward
-            rows = (task == j).nonzero().flatten()
-            picked = rows.tolist()
-            raw_scores[rows] = self.rewards[j]([texts[i] for i in picked], [completions[i] for i in picked],
-                                               input_ids[rows], attention_mask[rows]).to(self.device)
+        failure = None
+        try:
+            for j in task.unique().tolist():  # each prompt is scored by its own task's reward
+                rows = (task == j).nonzero().flatten()
+                picked = rows.tolist()
+                raw_scores[rows] = self.rewards[j]([texts[i] for i in picked], [completions[i] for i in picked],
+                                                   input_ids[rows], attention_mask[rows]).to(self.device)
+        except UserError as e:  # the user's reward code failed on this process's share
+            failure = e
+        self.session.fail_together(failure)
         model.train()
         batch = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=responses,
                         response_mask=response_mask, stopped=stopped, old_logprobs=old_logprobs,

@@ -438,3 +438,27 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step_and_resume
     rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith(drop)}
              for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (straight, stopped)]
     assert rows[0] == rows[1]
+
+
+@pytest.mark.slow
+def test_a_reward_failing_on_one_rank_stops_both_with_one_line(tmp_path):
+    """Each process scores its own share: when only rank 1's share makes the user's code raise, rank 1
+    reports it and rank 0 stops with it, without waiting in a collective or printing a traceback."""
+    path = write(tmp_path / "rank1_reward.py", """
+        import os
+        def score(prompts, completions):
+            if os.environ["RANK"] == "1":
+                raise RuntimeError("reward server down")
+            return [0.5] * len(completions)
+    """)
+    env = {**subprocess_env(), "RANK_EXIT_DIR": str(tmp_path / "exits")}
+    result = subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             str(ROOT / "tests" / "rank_exit_script.py"), "train", TINY,
+                             *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cppo: error:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"cppo: error: [rank 1] reward function {path}:score raised RuntimeError: reward server down"), result.stderr
+    assert "[rank0]" not in result.stderr and "[rank1]" not in result.stderr  # no traceback from either process
+    assert (tmp_path / "exits" / "rank_1").read_text() == "2"
+    assert not (tmp_path / "run").exists()
