@@ -90,13 +90,7 @@ class PPOTrainer:
             {"params": [p for p in model.value_model.parameters() if p.requires_grad],
              "lr": pcfg.value_learning_rate or pcfg.learning_rate},
         ]
-        try:
-            # The fused kernel updates every parameter in one pass (on CPU 6.5× faster than the default
-            # per-tensor loop on 148 M parameters: 0.12 s against 0.80 s per step).
-            return torch.optim.AdamW(groups, weight_decay=pcfg.weight_decay, fused=True)
-        except RuntimeError as e:  # a device or dtype without the fused kernel
-            warnings.warn(f"fused AdamW unavailable ({e}); using the per-tensor AdamW", stacklevel=2)
-            return torch.optim.AdamW(groups, weight_decay=pcfg.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=pcfg.weight_decay)
 
     def _build_scheduler(self):
         from transformers import get_scheduler
