@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
-import time
 import uuid
 import warnings
 from dataclasses import replace
@@ -209,18 +207,14 @@ class Checkpointer:
         self.stage_index = 0
         self.final_stats: dict = {}
         self.stop_requested = False  # set by SIGTERM / SIGINT
-        self.stop_requested_at = 0.0
 
     @contextlib.contextmanager
     def signal_handlers(self):
         """SIGTERM and SIGINT ask for a stop at the end of the current step, while the run lasts."""
         def request_stop(signum, frame):
-            # A second Ctrl-C stops at once. Under `accelerate launch` each process gets a Ctrl-C twice at
-            # once (from the terminal, and forwarded by the launcher): a repeat within a second is that echo.
-            if self.stop_requested and signum == signal.SIGINT and time.monotonic() - self.stop_requested_at > 1.0:
-                raise KeyboardInterrupt
-            if not self.stop_requested:
-                self.stop_requested, self.stop_requested_at = True, time.monotonic()
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self.stop_requested = True
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -270,7 +264,7 @@ def run(config: Config, resume: str | None = None, force: bool = False, overwrit
     `resume`: "auto" (the newest valid checkpoint in output_dir) or a checkpoint directory. Without it,
     a non-empty output_dir is refused unless `overwrite` (cppo.outputs).
     """
-    output = OutputDir(config.output_dir, resume is not None, overwrite, os.environ.get("RANK", "0") == "0")
+    output = OutputDir(config.output_dir, resume is not None, overwrite)
     output.check(config.inputs())
     try:
         return _run(config, output, resume, force)

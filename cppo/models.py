@@ -175,23 +175,23 @@ def is_causal_type(model_type: str) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def model_type_of(source: str, trust_remote_code: bool = False) -> str:
+def model_config(source: str, trust_remote_code: bool = False):
+    """A model's config (config.json) alone, without its weights."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model config {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def model_type_of(source: str, trust_remote_code: bool = False) -> str:
+    return model_config(source, trust_remote_code).model_type
 
 
 def context_length(source: str, trust_remote_code: bool = False) -> int | None:
     """Positions the model was built for (`max_position_embeddings`, GPT-2's `n_positions`), if it says."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model config {source!r}: {str(e).splitlines()[0]}") from None
+    config = model_config(source, trust_remote_code)
     config = getattr(config, "get_text_config", lambda: config)()
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)

@@ -25,9 +25,10 @@ from .config import UserError
 class OutputDir:
     """`output_dir` of one run: checked before any model loads, claimed at the run's first write."""
 
-    def __init__(self, path: str | Path, resume: bool, overwrite: bool, is_main_process: bool = True):
+    def __init__(self, path: str | Path, resume: bool, overwrite: bool):
         self.path = Path(path)
-        self.resume, self.overwrite, self.is_main_process = resume, overwrite, is_main_process
+        self.resume, self.overwrite = resume, overwrite
+        self.is_main_process = True  # set by the session, once the accelerator knows
         self.replaced: list[Path] = []  # what --overwrite removes at the first write
         self.claimed = False
 

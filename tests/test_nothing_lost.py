@@ -383,16 +383,14 @@ def test_a_non_finite_loss_or_gradient_never_reaches_the_weights(tmp_path, fault
         assert all(p.grad is None for p in trainer.unwrapped.parameters())
 
 
-def test_a_second_ctrl_c_stops_at_once_but_its_launcher_echo_does_not(tmp_path):
+def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_stops_at_once():
     from cppo.continual import Checkpointer
 
     checkpointer = Checkpointer.__new__(Checkpointer)
-    checkpointer.stop_requested, checkpointer.stop_requested_at = False, 0.0
+    checkpointer.stop_requested = False
     with checkpointer.signal_handlers():
-        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
-        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, forwarded by accelerate launch
-        assert checkpointer.stop_requested
-        checkpointer.stop_requested_at -= 2.0  # a second Ctrl-C, two seconds later
+        os.kill(os.getpid(), signal.SIGINT)
+        assert checkpointer.stop_requested  # the run finishes its step, saves and leaves
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
 
