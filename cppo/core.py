@@ -52,17 +52,26 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask.to(x.dtype)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature  # x / 1 is x: no pass over B·T·V for it
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`. logits: (B, T, V), tokens: (B, T) -> (B, T), float32."""
-    logits = logits.float() / temperature
+    logits = _scaled(logits, temperature)
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position. (B, T, V) -> (B, T)."""
-    logits = logits.float() / temperature
-    logp = logits.log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` (bit for bit) and the entropy of softmax(logits / temperature) per
+    position, sharing one logsumexp: H = lse − Σ p·z. (B, T, V), (B, T) -> (B, T), (B, T)."""
+    logits = _scaled(logits, temperature)
+    lse = logits.logsumexp(-1)
+    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1)
+    return logprobs, entropy
 
 
 def response_mask_from_stop(responses: torch.Tensor,

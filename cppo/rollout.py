@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from .core import entropy_from_logits, logprobs_from_logits, response_mask_from_stop
+from .core import logprobs_and_entropy, logprobs_from_logits, response_mask_from_stop
 from .models import policy_response_logits, token_scalars
 
 
@@ -103,9 +103,12 @@ def response_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask
     for start in range(0, input_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
         logits = policy_response_logits(policy, input_ids[rows], attention_mask[rows], response_length)
-        logprobs.append(logprobs_from_logits(logits, response_ids[rows], temperature))
         if with_entropy:
-            entropies.append(entropy_from_logits(logits, temperature))
+            logprob, entropy = logprobs_and_entropy(logits, response_ids[rows], temperature)
+            entropies.append(entropy)
+        else:
+            logprob = logprobs_from_logits(logits, response_ids[rows], temperature)
+        logprobs.append(logprob)
     return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
 
 

@@ -168,7 +168,16 @@ def test_logprobs_and_entropy_from_logits():
     # at temperature 2 the logits halve: p1 = √3 / (1 + √3)
     close(core.logprobs_from_logits(logits, torch.tensor([[1]]), temperature=2.0),
           [[math.log(math.sqrt(3) / (1 + math.sqrt(3)))]])
-    close(core.entropy_from_logits(torch.zeros(1, 1, 4)), [[math.log(4)]])
+    logprobs, entropy = core.logprobs_and_entropy(torch.zeros(1, 1, 4), torch.tensor([[2]]))
+    close(logprobs, [[-math.log(4)]])
+    close(entropy, [[math.log(4)]])
+    # the same log-probs bit for bit, at any temperature, with the entropy of softmax(z / T)
+    logits, tokens = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    for temperature in (1.0, 0.7):
+        logprobs, entropy = core.logprobs_and_entropy(logits, tokens, temperature)
+        assert torch.equal(logprobs, core.logprobs_from_logits(logits, tokens, temperature))
+        logp = (logits / temperature).log_softmax(-1)
+        torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
 
 
 def test_adaptive_kl_coefficient():
