@@ -230,8 +230,8 @@ def floor_worker(args, phases_for):
     from transformers import GenerationConfig
 
     policy.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id)
-    generation = make_generation_config([], tokenizer.pad_token_id, do_sample=True, max_new_tokens=NEW_TOKENS,
-                                        temperature=1.0, top_k=0, top_p=1.0)
+    sampling = {"do_sample": True, "max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    generation = make_generation_config([], tokenizer.pad_token_id, **sampling)
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters())}, {"params": list(critic.parameters())}],
                                   lr=LEARNING_RATE, weight_decay=0.0, **fused)
@@ -280,7 +280,22 @@ def floor_worker(args, phases_for):
             optimizer.zero_grad(set_to_none=True)
         return int(mask.sum())
 
-    return step, phases, device, {"optimizer": optimizer_name(optimizer)}
+    def generation_logprob_gap() -> float:
+        """Largest |log π(token)| difference between generation's own logits (what trl uses for the
+        rollout log-probs, saving the policy's rollout forward pass) and a forward pass over the
+        whole sequence (what the training forward computes): 0 would make trl's shortcut exact."""
+        prompt_ids = torch.tensor(prompts.ids[:BATCH], device=device)
+        with torch.no_grad(), autocast():
+            with_logits = make_generation_config([], tokenizer.pad_token_id, **sampling, output_logits=True,
+                                                 return_dict_in_generate=True)
+            out = policy.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                  generation_config=with_logits)
+            responses = out.sequences[:, prompt_ids.shape[1]:]
+            from_generation = core.logprobs_from_logits(torch.stack(out.logits, 1), responses)
+            return (from_generation - response_logprobs(policy, out.sequences, responses)).abs().max().item()
+
+    info = {"optimizer": optimizer_name(optimizer), "generation_logprob_gap": generation_logprob_gap()}
+    return step, phases, device, info
 
 
 def trl_worker(args, phases_for, channel):
@@ -448,6 +463,8 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
                                           for t, s in zip(times[impl], phases[impl], strict=True))
         figures = {"median_step_s": statistics.median(times[impl]), "phases_median_s": split,
                    "peak_memory_mib": peaks[impl], "optimizer": ready[impl].get("optimizer"),
+                   **({"generation_logprob_gap": ready[impl]["generation_logprob_gap"]}
+                      if "generation_logprob_gap" in ready[impl] else {}),
                    "device": ready[impl]["device"], "step_s": times[impl], "phases_s": phases[impl]}
         for other in ("trl", "floor"):
             if other in workers and other != impl:

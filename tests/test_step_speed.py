@@ -84,4 +84,5 @@ def test_step_benchmark_measures_all_three(tmp_path):
         others = {"cppo": ("trl", "floor"), "trl": ("floor",), "floor": ("trl",)}[name]
         assert all(figures[f"ratio_to_{o}"] > 0 for o in others)
     assert impls["cppo"]["optimizer"] == "AdamW (fused)" == impls["floor"]["optimizer"]
+    assert 0 <= impls["floor"]["generation_logprob_gap"] < 1e-3
     assert "| tiny-gpt2 (0.12 M) | cppo |" in run.stdout
