@@ -173,6 +173,8 @@ def cppo_worker(args, phases_for):
 
 
 class TimedReward:
+    """A reward source whose calls count as rollout forwards (it keeps its name for messages)."""
+
     def __init__(self, reward, phases):
         self.reward, self.phases = reward, phases
 
@@ -191,7 +193,7 @@ def optimizer_name(optimizer) -> str:
     return f"{type(optimizer).__name__} ({kind})"
 
 
-def load_models(source: str, precision: str, device):
+def load_models(source: str, device):
     """Policy, reference, critic and reward model from one checkpoint, dropout off."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -210,6 +212,7 @@ def load_models(source: str, precision: str, device):
 
 def floor_worker(args, phases_for):
     import torch
+    from transformers import GenerationConfig
 
     from cppo import core
     from cppo.models import load_tokenizer, resolve_model_source
@@ -220,15 +223,13 @@ def floor_worker(args, phases_for):
     source = resolve_model_source(args.policy, "policy")
     tokenizer = load_tokenizer(source)
     _, prompts = benchmark_prompts(tokenizer, source, args.prompt_length, Path(args.workdir))
-    policy, reference, critic, reward = load_models(source, args.precision, device)
+    policy, reference, critic, reward = load_models(source, device)
     for model in (policy, critic):
         model.config.pad_token_id = tokenizer.pad_token_id
         model.train()
     for model in (reference, reward):
         model.config.pad_token_id = tokenizer.pad_token_id
         model.eval().requires_grad_(False)
-    from transformers import GenerationConfig
-
     policy.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id)
     sampling = {"do_sample": True, "max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     generation = make_generation_config([], tokenizer.pad_token_id, **sampling)
@@ -315,7 +316,7 @@ def trl_worker(args, phases_for, channel):
     source = resolve_model_source(args.policy, "policy")
     tokenizer = load_tokenizer(source)
     _, prompts = benchmark_prompts(tokenizer, source, args.prompt_length, Path(args.workdir))
-    policy, reference, critic, reward = load_models(source, args.precision, torch.device("cpu"))
+    policy, reference, critic, reward = load_models(source, torch.device("cpu"))  # trl places them
     dataset = Dataset.from_dict({"input_ids": prompts.ids})
     config = PPOConfig(
         output_dir=str(Path(args.workdir) / "trl-run"), per_device_train_batch_size=BATCH,
