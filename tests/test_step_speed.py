@@ -46,6 +46,10 @@ def test_grad_norm_clips_only_when_asked(tiny_config, tmp_path, max_grad_norm):
         p.grad = torch.randn_like(p)
     before = [p.grad.clone() for p in params]
     expected = torch.nn.utils.get_total_norm(before)
+    if max_grad_norm is None:  # unclipped: the norm alone, no pass that rescales every gradient
+        def no_clipping(*_, **__):
+            raise AssertionError("clip_grad_norm_ called without ppo.max_grad_norm")
+        trainer.accelerator.clip_grad_norm_ = no_clipping
     norm = trainer.grad_norm()
     assert torch.equal(norm, expected)  # the norm before clipping, as clip_grad_norm_ reports it
     if max_grad_norm is None:
