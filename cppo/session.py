@@ -8,11 +8,13 @@ trainer ignorant of task sequences: it trains one stage.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from .config import Config, UserError
 from .data import PromptSet, build_prompt_set, check_data_source
@@ -81,6 +83,17 @@ class Session:
                 error.own = True
         if error is not None:
             raise error
+
+
+    def grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+        """The total gradient norm of `model`, its gradients clipped to `max_norm` when set. Unclipped,
+        only the norm is computed, not a rescaling of every gradient by 1; sharded back ends keep their
+        gradients in shards, so accelerate computes their norm its own way."""
+        acc = self.accelerator
+        if max_norm or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+        acc.unscale_gradients()  # fp16: the loss scale out of the gradients, as clipping would do
+        return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def reset_accelerate_state() -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from . import core
@@ -328,7 +327,7 @@ class PPOTrainer:
                         # loss terms add up over micro-batches to the mini-batch's value; the rest average
                         share = 1.0 if key.startswith("loss/") else 1.0 / len(micro_batches)
                         update[key] = update.get(key, 0.0) + value * share
-                update["policy/grad_norm"] = self.grad_norm().detach()
+                update["policy/grad_norm"] = self.session.grad_norm(self.model, pcfg.max_grad_norm).detach()
                 fault = self.update_fault(update)
                 if fault is None:
                     self.optimizer.step()
@@ -350,16 +349,6 @@ class PPOTrainer:
         # Loss terms carry × processes / global denominators: their mean over processes is the global value.
         means = acc.reduce(means, reduction="mean") if acc.num_processes > 1 else means
         return {**dict(zip(names, means.tolist(), strict=True)), **out}
-
-    def grad_norm(self) -> torch.Tensor:
-        """The total gradient norm (for the log and the non-finite guard), with the gradients clipped to
-        `ppo.max_grad_norm` when it is set. Unclipped, only the norm is computed, not a rescaling of
-        every gradient by 1; sharded back ends compute it their own way."""
-        acc, max_norm = self.accelerator, self.config.ppo.max_grad_norm
-        if max_norm or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            return acc.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
-        acc.unscale_gradients()  # fp16: the loss scale out of the gradients, as clipping would do
-        return torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
 
     # ------------------------------------------------------------------------- non-finite values
 
