@@ -314,7 +314,8 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
                 if regularizer is not None:
                     regularizer.task_end(trainer)
                 if evaluator.sets:
-                    matrix.append(f"after {stage.name}", evaluator.evaluate(trainer.unwrapped.policy))
+                    with session.backend.whole(trainer.model) as model:
+                        matrix.append(f"after {stage.name}", evaluator.evaluate(model.policy))
                     matrix.write(session)
                     session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
                 failpoint(f"task_end:{stage.name}")

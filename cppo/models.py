@@ -266,10 +266,14 @@ def load_policy(source: str, cfg: ModelConfig, pad_token_id: int):
 
 
 def load_frozen(auto_name: str, source: str, cfg: ModelConfig, pad_token_id: int, **kwargs):
-    """A model in eval mode with gradients off: the reference policy or a reward model."""
+    """A model in eval mode with gradients off: the reference policy or a reward model, whole on every
+    process under every back end (cppo.distributed)."""
     import transformers
 
-    model = _from_pretrained(getattr(transformers, auto_name), source, cfg, **kwargs)
+    from .distributed import whole_on_every_process
+
+    with whole_on_every_process():
+        model = _from_pretrained(getattr(transformers, auto_name), source, cfg, **kwargs)
     model.config.pad_token_id = pad_token_id
     return model.eval().requires_grad_(False)
 
@@ -329,6 +333,9 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        # The decoder-layer classes, which FSDP shards as units (accelerate reads this name).
+        self._no_split_modules = list(dict.fromkeys(
+            name for model in (policy, value_model) for name in (getattr(model, "_no_split_modules", None) or [])))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_length: int) -> tuple[torch.Tensor, torch.Tensor]:

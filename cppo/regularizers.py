@@ -98,8 +98,18 @@ class ImportancePenalty(ParameterPenalty):
         raise NotImplementedError
 
     def task_end(self, trainer) -> None:
+        with trainer.backend.whole(trainer.model) as model:
+            new = self._importance(trainer, model.policy)
+        mean = torch.cat([t.flatten() for t in new.values()]).mean().clamp_min(1e-30)
+        new = {name: t / mean for name, t in new.items()}
+        if self.importance is None:
+            self.importance = new
+        else:
+            self.importance = {name: self.decay * self.importance[name] + new[name] for name in new}
+
+    def _importance(self, trainer, policy) -> dict[str, torch.Tensor]:
+        """This task's importance per trainable weight, averaged over the sampled sequences of every process."""
         acc = trainer.accelerator
-        policy = trainer.unwrapped.policy
         params = _trainable(policy)
         prompts = trainer.stage.prompts
         generator = torch.Generator().manual_seed(self.seed + trainer.stage.step_offset)
@@ -124,14 +134,8 @@ class ImportancePenalty(ParameterPenalty):
                     totals[name] += self.accumulate(grad)
             policy.train()
         count = max(len(chosen), 1)
-        new = {name: acc.reduce(t, reduction="sum") / count if acc.num_processes > 1 else t / count
-               for name, t in totals.items()}
-        mean = torch.cat([t.flatten() for t in new.values()]).mean().clamp_min(1e-30)
-        new = {name: t / mean for name, t in new.items()}
-        if self.importance is None:
-            self.importance = new
-        else:
-            self.importance = {name: self.decay * self.importance[name] + new[name] for name in new}
+        return {name: acc.reduce(t, reduction="sum") / count if acc.num_processes > 1 else t / count
+                for name, t in totals.items()}
 
     @staticmethod
     def accumulate(grad: torch.Tensor) -> torch.Tensor:

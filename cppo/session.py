@@ -8,16 +8,16 @@ trainer ignorant of task sequences: it trains one stage.
 
 from __future__ import annotations
 
-import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from .config import Config, UserError
 from .data import PromptSet, build_prompt_set, check_data_source
+from .distributed import Backend, make_accelerator
 from .models import (
     checkpoint_generation_config,
     context_length,
@@ -62,6 +62,7 @@ class Session:
     rewards: RewardBank
     stop_token_ids: list[int]  # a response ends at the first of these (empty: runs to max_new_tokens)
     output: OutputDir  # every write into output_dir claims it first
+    backend: Backend  # DDP / DeepSpeed / FSDP: every difference between them (cppo.distributed)
 
     @property
     def device(self) -> torch.device:
@@ -85,17 +86,6 @@ class Session:
             raise error
 
 
-    def grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-        """The total gradient norm of `model`, its gradients clipped to `max_norm` when set. Unclipped,
-        only the norm is computed, not a rescaling of every gradient by 1; sharded back ends keep their
-        gradients in shards, so accelerate computes their norm its own way."""
-        acc = self.accelerator
-        if max_norm or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            return acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
-        acc.unscale_gradients()  # fp16: the loss scale out of the gradients, as clipping would do
-        return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-
-
 def reset_accelerate_state() -> None:
     """Forget the Accelerator a previous run in this process made (accelerate keeps its state in
     process-wide singletons): for several runs in one process (the demo, tests)."""
@@ -110,10 +100,10 @@ def open_session(config: Config, output: OutputDir | None = None) -> Session:
     """`output`: the run's checked output directory (cppo.continual.run); library callers that pass
     none write into `config.output_dir` as it is."""
     check_sources(config)
-    # cpu=True without an accelerator makes a multi-process launch use gloo on the CPU.
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
-                              log_with=config.report_to or None, project_dir=config.output_dir)
+    accelerator = make_accelerator(config)
     config.validate(accelerator.num_processes)
+    backend = Backend(accelerator)
+    backend.check(config)
     mcfg = config.model
     initial = resolve_model_source(mcfg.policy, "model.policy")
     tokenizer = load_tokenizer(resolve_model_source(mcfg.tokenizer, "model.tokenizer") if mcfg.tokenizer else initial,
@@ -122,9 +112,21 @@ def open_session(config: Config, output: OutputDir | None = None) -> Session:
     check_context(config, initial)
     output = output or OutputDir(config.output_dir, resume=False, overwrite=False)
     output.is_main_process = accelerator.is_main_process
-    return Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config, output),
-                   tokenizer=tokenizer, initial_policy=initial, rewards=RewardBank(tokenizer, mcfg, accelerator.device),
-                   stop_token_ids=_stop_token_ids(config, tokenizer, initial), output=output)
+    session = Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config, output),
+                      tokenizer=tokenizer, initial_policy=initial,
+                      rewards=RewardBank(tokenizer, mcfg, accelerator.device),
+                      stop_token_ids=_stop_token_ids(config, tokenizer, initial), output=output, backend=backend)
+    announce_backend(session)
+    return session
+
+
+def announce_backend(session: Session) -> None:
+    """The effective back end, precision, processes and per-process batch sizes: printed at start, and
+    saved with the run (backend.json beside config.yaml, and in the trackers' config)."""
+    described = session.backend.describe(session.config)
+    session.tracker.backend = described
+    if session.accelerator.is_main_process:
+        print("cppo: " + ", ".join(f"{k} {v}" for k, v in described.items()), file=sys.stderr, flush=True)
 
 
 def check_context(config: Config, policy_source: str) -> None:

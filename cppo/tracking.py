@@ -27,6 +27,7 @@ class Tracker:
         self._started = False
         self.run_id: str | None = None
         self.resumed_step: int | None = None
+        self.backend: dict = {}  # what the run runs on (cppo.session.announce_backend)
 
     def resume(self, run_id: str, step: int | None) -> None:
         """Log under `run_id` (a resumed run continues its wandb run); when resuming from `step`, the
@@ -47,12 +48,13 @@ class Tracker:
             if self.resumed_step is not None:
                 self._drop_lines_after(self.resumed_step)
             replace_text(self.output_dir / "config.yaml", config_yaml(self.config))
+            replace_text(self.output_dir / "backend.json", json.dumps(self.backend, indent=1) + "\n")
         if self.config.report_to:
             run_name = self.config.run_name or self.output_dir.name
             init_kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir), "id": self.run_id,
                                      "resume": "allow"}}
-            self.accelerator.init_trackers(self.config.project, config=_flatten(self.config.to_dict()),
-                                           init_kwargs=init_kwargs)
+            tracked = _flatten({**self.config.to_dict(), "backend": self.backend})
+            self.accelerator.init_trackers(self.config.project, config=tracked, init_kwargs=init_kwargs)
         self._started = True
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 
 from . import core
 from .checkpoint import failpoint, restore_rng, rng_state
@@ -41,6 +40,7 @@ class PPOTrainer:
 
     def __init__(self, session: Session, stage: Stage, regularizer=None):
         self.session, self.stage, self.regularizer = session, stage, regularizer
+        self.backend = session.backend
         self.config = config = session.config
         self.accelerator = session.accelerator
         self.tokenizer = session.tokenizer
@@ -65,9 +65,9 @@ class PPOTrainer:
             "AutoModelForCausalLM", stage.anchor, mcfg, pad).to(self.device)
         value_model = load_value_model(stage.value_model, mcfg, pad)
         model = ActorCritic(policy, value_model)
-        self.optimizer = self._build_optimizer(model)
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
-        self.scheduler = self._build_scheduler()
+        optimizer = self._build_optimizer(model)
+        self.scheduler = self._build_scheduler(optimizer)
+        self.model, self.optimizer = self.backend.prepare(model, optimizer, config)
 
         gcfg = config.generation
         self.generation_config = make_generation_config(
@@ -99,13 +99,13 @@ class PPOTrainer:
         except RuntimeError:  # a device (or parameter type) without the fused kernel
             return torch.optim.AdamW(groups, weight_decay=pcfg.weight_decay)
 
-    def _build_scheduler(self):
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer):
         from transformers import get_scheduler
 
         pcfg = self.config.ppo
         updates = self.stage.steps * pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
         name = "constant_with_warmup" if pcfg.lr_scheduler == "constant" else pcfg.lr_scheduler
-        return get_scheduler(name, self.optimizer.optimizer, num_warmup_steps=pcfg.warmup_steps,
+        return get_scheduler(name, optimizer, num_warmup_steps=pcfg.warmup_steps,
                              num_training_steps=updates)
 
     @property
@@ -180,28 +180,29 @@ class PPOTrainer:
         prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         local = len(indices)
-        model = self.unwrapped
-        model.eval()
-        started = time.perf_counter()
-        with acc.autocast():
-            responses, response_mask, stopped = generate(
-                model.policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
-                self.tokenizer.pad_token_id, gcfg.batch_size or local)
-        generate_s = time.perf_counter() - started
-        input_ids = torch.cat([prompt_ids, responses], 1)
-        attention_mask = torch.cat([prompt_mask, response_mask], 1)
         chunk = pcfg.forward_batch_size or local
         temperature = gcfg.temperature
-        with acc.autocast():
-            old_logprobs, entropy = response_logprobs(model.policy, input_ids, attention_mask, responses,
-                                                      temperature, chunk, with_entropy=True)
-            with self.reference_policy() as ref:
-                ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature, chunk)
-            old_values = response_values(model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
-            anchor_logprobs = None
-            if self.anchor_policy is not None:
-                anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
-                                                       temperature, chunk)
+        with self.backend.whole(self.model) as model:
+            model.eval()
+            started = time.perf_counter()
+            with acc.autocast():
+                responses, response_mask, stopped = generate(
+                    model.policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
+                    self.tokenizer.pad_token_id, gcfg.batch_size or local)
+            generate_s = time.perf_counter() - started
+            input_ids = torch.cat([prompt_ids, responses], 1)
+            attention_mask = torch.cat([prompt_mask, response_mask], 1)
+            with acc.autocast():
+                old_logprobs, entropy = response_logprobs(model.policy, input_ids, attention_mask, responses,
+                                                          temperature, chunk, with_entropy=True)
+                with self.reference_policy() as ref:
+                    ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature, chunk)
+                old_values = response_values(model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
+                anchor_logprobs = None
+                if self.anchor_policy is not None:
+                    anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
+                                                           temperature, chunk)
+            model.train()
         task = torch.tensor([prompts.task[i] for i in indices], device=self.device)
         texts = [prompts.texts[i] for i in indices]
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -216,7 +217,6 @@ class PPOTrainer:
         except UserError as e:  # the user's reward code failed on this process's share
             failure = e
         self.session.fail_together(failure)
-        model.train()
         batch = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=responses,
                         response_mask=response_mask, stopped=stopped, old_logprobs=old_logprobs,
                         ref_logprobs=ref_logprobs, old_values=old_values, entropy=entropy, raw_scores=raw_scores,
@@ -234,7 +234,8 @@ class PPOTrainer:
 
     @contextlib.contextmanager
     def reference_policy(self):
-        """The frozen reference: its own model, or the policy with LoRA adapters switched off."""
+        """The frozen reference: its own model, or the policy with LoRA adapters switched off (then only
+        inside `backend.whole`, or in a forward of the wrapped model)."""
         if self.ref_policy is not None:
             yield self.ref_policy
         else:
@@ -318,26 +319,30 @@ class PPOTrainer:
                 update: dict[str, torch.Tensor] = {}  # this update's stats, summed over its micro-batches
                 for i, rows in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
-                    with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                    with self.backend.no_sync(self.model, last):
                         loss, stats = self.micro_batch_loss(batch.select(rows.to(batch.response_ids.device)),
                                                             denominators, last)
-                        acc.backward(loss)
+                        self.backend.backward(self.model, loss)
                     stats["loss/total"] = loss.detach()
                     for key, value in stats.items():
                         # loss terms add up over micro-batches to the mini-batch's value; the rest average
                         share = 1.0 if key.startswith("loss/") else 1.0 / len(micro_batches)
                         update[key] = update.get(key, 0.0) + value * share
-                update["policy/grad_norm"] = self.session.grad_norm(self.model, pcfg.max_grad_norm).detach()
+                grad_norm = self.backend.grad_norm(self.model, pcfg.max_grad_norm)
+                if grad_norm is not None:
+                    update["policy/grad_norm"] = grad_norm.detach()
                 fault = self.update_fault(update)
                 if fault is None:
-                    self.optimizer.step()
+                    self.backend.optimizer_step(self.model, self.optimizer)
                     self.scheduler.step()
+                    if grad_norm is None:  # DeepSpeed: its engine takes the norm inside the step
+                        update["policy/grad_norm"] = self.backend.last_grad_norm(self.model)
                     for key, value in update.items():
                         sums[key] = sums.get(key, 0.0) + value
                     updates += 1
                 else:  # no optimiser step, so no schedule step either: the schedule counts applied updates
                     self.skip_or_stop(f"step {self.global_step + 1}, update {updates + skipped + 1}: {fault} "
-                                      "non-finite")
+                                      "non-finite", update=True)
                     skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
         out = {"nonfinite/skipped_step": 0.0, "nonfinite/skipped_updates": float(skipped)}
@@ -378,7 +383,7 @@ class PPOTrainer:
         """Which loss terms (or the gradient norm) of one update are non-finite on any process, or None.
         Under fp16 the loss scaler skips non-finite gradients itself."""
         names = [k for k in update if k.startswith("loss/") and k != "loss/total"]
-        if self.config.mixed_precision != "fp16":
+        if self.config.mixed_precision != "fp16" and "policy/grad_norm" in update:
             names.append("policy/grad_norm")
         bad = torch.stack([~torch.isfinite(torch.as_tensor(update[k])) for k in names]).float()
         if self.accelerator.num_processes > 1:
@@ -390,11 +395,14 @@ class PPOTrainer:
         return f"loss term {', '.join(terms)} is" if len(terms) == 1 else \
             f"loss terms {', '.join(terms)} are" if terms else "the gradient norm is"
 
-    def skip_or_stop(self, fault: str) -> None:
+    def skip_or_stop(self, fault: str, update: bool = False) -> None:
         """`on_nonfinite: stop` (or too many skips): one line, before anything reaches the weights."""
         pcfg = self.config.ppo
-        if pcfg.on_nonfinite == "stop" or self.nonfinite_skips >= pcfg.max_nonfinite_skips:
-            why = "" if pcfg.on_nonfinite == "stop" else f" ({self.nonfinite_skips} skipped before)"
+        cannot_skip = update and not self.backend.can_skip_update
+        if pcfg.on_nonfinite == "stop" or self.nonfinite_skips >= pcfg.max_nonfinite_skips or cannot_skip:
+            why = "" if pcfg.on_nonfinite == "stop" else \
+                f" ({self.backend.name} cannot drop an update after its backward)" if cannot_skip else \
+                f" ({self.nonfinite_skips} skipped before)"
             raise UserError(f"{fault}{why}; stopped before the optimiser step: nothing non-finite reached the "
                             "weights and the last checkpoint is intact (ppo.on_nonfinite: skip drops such "
                             "steps and updates)")
@@ -447,11 +455,8 @@ class PPOTrainer:
         """Write this process's part of a mid-stage checkpoint into `directory` (every process calls
         it); return the JSON part of the state."""
         acc = self.accelerator
+        self.backend.save_training_state(directory, self.model, self.optimizer)
         if acc.is_main_process:
-            trainable = {name: p.detach().cpu().contiguous() for name, p in self.unwrapped.named_parameters()
-                         if p.requires_grad}
-            save_file(trainable, directory / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         torch.save(rng_state(self.shuffle_generator), directory / f"rng_{acc.process_index}.pt")
         return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef, "nonfinite_skips": self.nonfinite_skips,
@@ -479,15 +484,7 @@ class PPOTrainer:
         if state["processes"] != acc.num_processes:
             raise UserError(f"checkpoint {directory} was written by {state['processes']} processes; resume with "
                             f"the same number (got {acc.num_processes})")
-        weights = load_file(directory / "trainable.safetensors")
-        with torch.no_grad():
-            for name, p in self.unwrapped.named_parameters():
-                if p.requires_grad:
-                    p.copy_(weights[name])
-        # A CPU process of a multi-process launch has device cpu:<rank>, which torch.load cannot map to.
-        device = "cpu" if self.device.type == "cpu" else self.device
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device,
-                                                  weights_only=False))
+        self.backend.load_training_state(directory, self.model, self.optimizer)
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
         restore_rng(torch.load(directory / f"rng_{acc.process_index}.pt", weights_only=False),
                     self.shuffle_generator)
@@ -527,13 +524,13 @@ class PPOTrainer:
         """The policy (merged if LoRA) and the critic as standard HF directories, with the tokenizer."""
         self.accelerator.wait_for_everyone()
         self.session.output.claim()
-        if self.accelerator.is_main_process:
-            with writing(directory, "the models of task " + repr(self.stage.name) + " in"):
-                self._save_models(directory)
+        with self.backend.whole_on_main(self.model) as model:
+            if model is not None:
+                with writing(directory, "the models of task " + repr(self.stage.name) + " in"):
+                    self._save_models(model, directory)
         self.accelerator.wait_for_everyone()  # the next task loads what was just written
 
-    def _save_models(self, directory: Path) -> None:
-        model = self.unwrapped
+    def _save_models(self, model: ActorCritic, directory: Path) -> None:
         policy = model.policy
         if self.config.model.lora_r > 0:
             policy.save_pretrained(directory / "policy_adapter")

@@ -50,7 +50,7 @@ def test_grad_norm_clips_only_when_asked(tiny_config, tmp_path, max_grad_norm):
         def no_clipping(*_, **__):
             raise AssertionError("clip_grad_norm_ called without ppo.max_grad_norm")
         trainer.accelerator.clip_grad_norm_ = no_clipping
-    norm = trainer.session.grad_norm(trainer.model, max_grad_norm)
+    norm = trainer.backend.grad_norm(trainer.model, max_grad_norm)
     assert torch.equal(norm, expected)  # the norm before clipping, as clip_grad_norm_ reports it
     if max_grad_norm is None:
         assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
