@@ -320,6 +320,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
                     session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
                 failpoint(f"task_end:{stage.name}")
                 checkpointer.save(trainer.global_step, stage_complete=True)
+                trainer.close()
                 del trainer
         except Preempted as stop:
             if acc.is_main_process:

