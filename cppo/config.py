@@ -390,8 +390,9 @@ class Config:
     """Tracker run name; defaults to the output directory's name."""
     logging_steps: int = 1
     """Print a plain progress line every this many steps when stderr is not a terminal."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision under accelerate."""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """Autocast precision under accelerate; null follows the accelerate config (its file or `accelerate launch
+    --mixed_precision`), which is `no` without one. The effective value is printed and saved in backend.json."""
     save_steps: int = 0
     """Write a checkpoint every this many steps (0: only at task ends and on SIGTERM/SIGINT)."""
     save_total_limit: int | None = 3
@@ -534,6 +535,8 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, name)
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             raise UserError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}")
         return value

@@ -388,7 +388,7 @@ class PPOTrainer:
         """Which loss terms (or the gradient norm) of one update are non-finite on any process, or None.
         Under fp16 the loss scaler skips non-finite gradients itself."""
         names = [k for k in update if k.startswith("loss/") and k != "loss/total"]
-        if self.config.mixed_precision != "fp16" and "policy/grad_norm" in update:
+        if self.accelerator.mixed_precision != "fp16" and "policy/grad_norm" in update:
             names.append("policy/grad_norm")
         bad = torch.stack([~torch.isfinite(torch.as_tensor(update[k])) for k in names]).float()
         if self.accelerator.num_processes > 1:

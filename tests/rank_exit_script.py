@@ -10,5 +10,5 @@ from cppo.cli import main
 code = main(sys.argv[1:])
 directory = Path(os.environ["RANK_EXIT_DIR"])
 directory.mkdir(parents=True, exist_ok=True)
-(directory / f"rank_{os.environ['RANK']}").write_text(str(code))
+(directory / f"rank_{os.environ.get('RANK', '0')}").write_text(str(code))
 sys.exit(code)

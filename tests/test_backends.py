@@ -20,7 +20,7 @@ import torch
 from conftest import PYTHON, ROOT, subprocess_env
 from safetensors.torch import load_file
 
-pytestmark = [pytest.mark.slow, pytest.mark.backends]
+pytestmark = pytest.mark.slow
 
 CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
 # Two tasks of three steps, a checkpoint after every step: enough updates to move S.
@@ -32,18 +32,22 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="DeepSpeed is not installed (scripts/setup.sh --backends)")
 
 
-def launch(backend: str, out, *extra: str, failpoint: str | None = None, config: str = CONTINUAL):
-    env = subprocess_env()
+def launch(backend: str, out, *extra: str, failpoint: str | None = None, force: bool = True,
+           precision: str = "no", processes: int = 2):
+    # Each process's exit code goes to <out>-exits/rank_<RANK> (the launcher reports only its own).
+    env = {**subprocess_env(), "RANK_EXIT_DIR": f"{out}-exits"}
     if failpoint:
         env["CPPO_FAILPOINT"] = failpoint
     if backend == "ddp":
-        where = ["--multi_gpu"]
+        where = ["--multi_gpu"] if processes > 1 else []
     else:
-        env["CPPO_TEST_FORCE_BACKEND_ON_CPU"] = "1"
-        where = ["--config_file", str(ROOT / "configs" / "accelerate" / f"{backend}.yaml"), "--mixed_precision", "no"]
-    return subprocess.run([PYTHON, "-m", "accelerate.commands.launch", *where, "--num_processes", "2", "-m", "cppo",
-                           "train", config, f"output_dir={out}", *RUN, *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+        if force:
+            env["CPPO_TEST_FORCE_BACKEND_ON_CPU"] = "1"
+        where = ["--config_file", str(ROOT / "configs" / "accelerate" / f"{backend}.yaml")]
+    return subprocess.run([PYTHON, "-m", "accelerate.commands.launch", *where, "--mixed_precision", precision,
+                           "--num_processes", str(processes), str(ROOT / "tests" / "rank_exit_script.py"), "train",
+                           CONTINUAL, f"output_dir={out}",
+                           *RUN, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def metrics(out) -> list[dict]:
@@ -67,6 +71,7 @@ def ddp_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") else ())
                                      for b in SHARDED])
 def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp_path):
@@ -102,3 +107,39 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
 
     policy = AutoModelForCausalLM.from_pretrained(straight / "policy").state_dict()
     assert all(torch.equal(policy[k], v) for k, v in weights(straight, "policy").items())
+
+
+@pytest.mark.parametrize("backend", SHARDED)
+def test_a_sharded_back_end_that_cannot_take_effect_is_a_one_line_error(backend, tmp_path):
+    """On a machine without GPUs accelerate would run plain DDP under a DeepSpeed or FSDP config."""
+    out = tmp_path / "out"
+    result = launch(backend, out, force=False)
+    assert [(tmp_path / "out-exits" / f"rank_{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cppo: error")]
+    assert len(errors) == 1 and "needs GPUs and none is visible" in errors[0] and "silently" in errors[0]
+    assert "[rank0]" not in result.stderr  # no traceback
+    assert not out.exists()
+
+
+def test_fsdp1_is_refused_with_one_line(tmp_path):
+    config = tmp_path / "fsdp1.yaml"
+    config.write_text((ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version: 2",
+                                                                                            "fsdp_version: 1"))
+    out = tmp_path / "out"
+    env = {**subprocess_env(), "CPPO_TEST_FORCE_BACKEND_ON_CPU": "1", "RANK_EXIT_DIR": str(tmp_path / "exits")}
+    result = subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                             "--num_processes", "2", str(ROOT / "tests" / "rank_exit_script.py"), "train", CONTINUAL,
+                             f"output_dir={out}", *RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert (tmp_path / "exits" / "rank_0").read_text() == "2"
+    assert "fsdp1 is not supported" in result.stderr and not out.exists()
+
+@pytest.mark.parametrize(("launcher", "configured", "effective"), [("bf16", None, "bf16"), ("bf16", "no", "no"),
+                                                                  ("no", None, "no")])
+def test_mixed_precision_left_unset_follows_the_accelerate_config(launcher, configured, effective, tmp_path):
+    out = tmp_path / "out"
+    extra = ["tasks.0.steps=1", "tasks.1.steps=1", "eval.max_prompts=2"]
+    if configured is not None:
+        extra.append(f"mixed_precision={configured}")
+    result = launch("ddp", out, *extra, precision=launcher, processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "backend.json").read_text())["mixed_precision"] == effective

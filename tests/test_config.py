@@ -95,3 +95,14 @@ def test_every_field_is_documented():
                     doc = body[i + 1] if i + 1 < len(body) else None
                     assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), (
                         f"{node.name}.{stmt.target.id} has no docstring")
+
+
+def test_a_bare_no_in_yaml_is_the_string_no(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` as false; it means the choice `no`."""
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(path, []).mixed_precision == "no"
+    assert load_config(path, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(tmp_path / "c.yaml", ["mixed_precision=bf16"]).mixed_precision == "bf16"
+    path.write_text("{}\n")
+    assert load_config(path, []).mixed_precision is None  # follows the accelerate config
