@@ -296,7 +296,8 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
             regularizer.load_state_dict(torch.load(checkpoint / "regularizer.pt", weights_only=False))
     elif evaluator.sets:
         initial = load_frozen("AutoModelForCausalLM", session.initial_policy, config.model,
-                              session.tokenizer.pad_token_id).to(acc.device)
+                              session.tokenizer.pad_token_id)
+        initial = session.backend.place_frozen(initial)
         matrix.append("initial", evaluator.evaluate(initial))
         del initial
     last_dir = None

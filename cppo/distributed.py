@@ -130,17 +130,20 @@ class Backend:
         self.fsdp2 = self.name == "fsdp2"
         # Whether each process holds only a shard of the trainable weights between rollouts.
         self.sharded_weights = self.zero3 or self.fsdp2
+        self.precision = self._precision()
+
+    def _precision(self) -> str:
+        if self.deepspeed:  # DeepSpeed casts from its own config, not through accelerate's autocast
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            return next((kind for kind in ("bf16", "fp16") if ds.get(kind, {}).get("enabled") is True), "no")
+        return self.accelerator.mixed_precision
 
     def describe(self, config: Config) -> dict:
         """What the run actually runs on: printed at start and saved with the run."""
         acc, pcfg = self.accelerator, config.ppo
         mini = pcfg.mini_batch_size // acc.num_processes
-        precision = acc.mixed_precision
-        if self.deepspeed:  # DeepSpeed casts from its own config, not through accelerate's autocast
-            ds = acc.state.deepspeed_plugin.deepspeed_config
-            precision = next((kind for kind in ("bf16", "fp16") if ds.get(kind, {}).get("enabled") is True), "no")
         return {"backend": self.name, "processes": acc.num_processes, "device": str(acc.device.type),
-                "mixed_precision": precision, "weights_dtype": config.model.dtype,
+                "mixed_precision": self.precision, "weights_dtype": config.model.dtype,
                 "rollouts_per_process": pcfg.rollout_batch_size // acc.num_processes,
                 "mini_batch_per_process": mini,
                 "micro_batch_per_process": mini // pcfg.gradient_accumulation_steps,
@@ -154,6 +157,18 @@ class Backend:
                             "DeepSpeed ZeRO-2, or regularizer lwf)")
 
     # ---------------------------------------------------------------------------------- wrapping
+
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen policy (reference, π_{t−1}, the initial model evaluated), whole on this process's device,
+        computing as the trained policy does: DeepSpeed and FSDP2 run bf16 / fp16 on weights in that dtype
+        (not through autocast), so the frozen copy takes it too; else the first step's KL to an identical
+        reference would be rounding, not 0."""
+        model = model.to(self.accelerator.device)
+        if self.deepspeed or self.fsdp2:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+            if dtype is not None:
+                model = model.to(dtype)
+        return model
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config):
         """Wrap policy + critic and the optimiser for the back end. The learning-rate schedule stays ours
@@ -170,6 +185,12 @@ class Backend:
             ds.setdefault("zero_allow_untested_optimizer", True)
             if self.zero3:
                 ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        if self.fsdp2 and acc.num_processes > 1:
+            # fully_shard keeps each process's own slice of its own weights: weights initialised at load time
+            # (LoRA adapters, a new value head) must first be the same everywhere, as DDP and DeepSpeed make them.
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    torch.distributed.broadcast(tensor.data, src=0)
         return acc.prepare(model, optimizer)
 
     # ------------------------------------------------------------------------------- whole weights

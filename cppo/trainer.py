@@ -59,10 +59,10 @@ class PPOTrainer:
         # With LoRA and π_{t−1} as reference, the reference is the policy with its adapters switched
         # off: no second copy.
         shares_weights = mcfg.lora_r > 0 and stage.reference == stage.policy
-        self.ref_policy = None if shares_weights else load_frozen(
-            "AutoModelForCausalLM", stage.reference, mcfg, pad).to(self.device)
-        self.anchor_policy = None if stage.anchor is None else load_frozen(
-            "AutoModelForCausalLM", stage.anchor, mcfg, pad).to(self.device)
+        self.ref_policy = None if shares_weights else self.backend.place_frozen(load_frozen(
+            "AutoModelForCausalLM", stage.reference, mcfg, pad))
+        self.anchor_policy = None if stage.anchor is None else self.backend.place_frozen(load_frozen(
+            "AutoModelForCausalLM", stage.anchor, mcfg, pad))
         value_model = load_value_model(stage.value_model, mcfg, pad)
         model = ActorCritic(policy, value_model)
         optimizer = self._build_optimizer(model)

@@ -109,6 +109,49 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
     assert all(torch.equal(policy[k], v) for k, v in weights(straight, "policy").items())
 
 
+LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "ppo.gradient_accumulation_steps=2",
+            "ppo.max_grad_norm=0.5", "ppo.ppo_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_lora") / "out"
+    result = launch("ddp", out, *LORA_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") else ())
+                                     for b in SHARDED])
+def test_lora_gradient_accumulation_and_clipping_match_ddp(backend, ddp_lora_run, tmp_path):
+    """Two micro-batches per process and update (DeepSpeed would step at each one unless told), the
+    gradient clipped to 0.5 (inside DeepSpeed's step), LoRA adapters initialised at load time (each process
+    must start from the same ones) and a merged policy saved from sharded weights."""
+    out = tmp_path / "out"
+    result = launch(backend, out, *LORA_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = metrics(out), metrics(ddp_lora_run)
+    for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/grad_norm"):
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-4, abs=1e-6), key
+    assert largest_difference(weights(out, "policy"), weights(ddp_lora_run, "policy")) <= WEIGHT_TOLERANCE
+    assert (out / "task_2_digits" / "policy_adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") else ())
+                                     for b in SHARDED])
+def test_bf16_reference_computes_as_the_policy(backend, tmp_path):
+    """Under bf16 the sharded back ends hold the policy's weights in bf16; the frozen reference must
+    compute the same way, so that the first step's KL between two identical models is exactly 0."""
+    out = tmp_path / "out"
+    result = launch(backend, out, "tasks.0.steps=1", "tasks.1.steps=1", "eval.max_prompts=2", precision="bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "backend.json").read_text())["mixed_precision"] == "bf16"
+    first = metrics(out)[0]
+    assert first["kl/mean"] == 0.0 and first["reward/mean"] > 0
+
+
 @pytest.mark.parametrize("backend", SHARDED)
 def test_a_sharded_back_end_that_cannot_take_effect_is_a_one_line_error(backend, tmp_path):
     """On a machine without GPUs accelerate would run plain DDP under a DeepSpeed or FSDP config."""
