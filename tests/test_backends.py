@@ -186,3 +186,30 @@ def test_mixed_precision_left_unset_follows_the_accelerate_config(launcher, conf
     result = launch("ddp", out, *extra, precision=launcher, processes=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "backend.json").read_text())["mixed_precision"] == effective
+
+
+@pytest.mark.parametrize("backend", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+def test_weight_penalties_are_refused_where_weights_are_sharded(backend, tmp_path):
+    out = tmp_path / "out"
+    result = launch(backend, out, "continual.regularizer=ewc")
+    assert (tmp_path / "out-exits" / "rank_0").read_text() == "2"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cppo: error")]
+    assert len(errors) == 1 and "continual.regularizer ewc" in errors[0] and "shards them" in errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.backends
+@needs_deepspeed
+def test_ewc_under_zero2_matches_ddp(tmp_path):
+    """EWC's importance is sampled on each process's share of prompts (different counts per process, no
+    collective inside) and its penalty acts on ZeRO-2's whole weights."""
+    extra = ["tasks.0.steps=2", "tasks.1.steps=2", "continual.regularizer=ewc", "continual.importance_samples=3"]
+    ddp, zero2 = tmp_path / "ddp", tmp_path / "zero2"
+    assert launch("ddp", ddp, *extra).returncode == 0
+    result = launch("zero2", zero2, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for key in ("reward/mean", "loss/reg"):
+        assert [r[key] for r in metrics(zero2)] == pytest.approx([r[key] for r in metrics(ddp)], rel=1e-4, abs=1e-6)
+    assert metrics(zero2)[-1]["loss/reg"] > 0  # the penalty acted in the second task
+    s = [json.loads((out / "eval_matrix.json").read_text())["scores"]["reward"] for out in (zero2, ddp)]
+    assert [v for row in s[0] for v in row] == pytest.approx([v for row in s[1] for v in row], abs=1e-6)
