@@ -50,6 +50,9 @@ class ModelConfig:
     """Recompute activations in the backward pass of policy and critic: less memory, more time."""
     lora_r: int = 0
     """LoRA rank for the policy; 0 trains all weights. With LoRA the reference is the base with adapters off."""
+    value_lora_r: int = 0
+    """LoRA rank for the critic's backbone (its scalar head trains whole); 0 trains all of the critic's weights.
+    A 7-8B critic then needs no gradients or AdamW state for its backbone. Same alpha and target modules."""
     lora_alpha: int = 16
     """LoRA scaling numerator."""
     lora_dropout: float = 0.0
@@ -60,6 +63,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(self.lora_r >= 0, "model.lora_r", self.lora_r, ">= 0")
+        _check(self.value_lora_r >= 0, "model.value_lora_r", self.value_lora_r, ">= 0")
         _check(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "> 0")
         _check(self.lora_dropout == 0, "model.lora_dropout", self.lora_dropout,
                "0 (dropout would make the update's log-probs differ from the rollout's for the same weights)")

@@ -365,15 +365,19 @@ def _cpu_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
     from .models import ActorCritic
 
     policy, value_model = model.policy, model.value_model
-    lora = getattr(policy, "peft_config", None)
-    base_config = policy.get_base_model().config if lora else policy.config
-    with torch.device("meta"):
-        new_policy = AutoModelForCausalLM.from_config(base_config)
+
+    def empty_like(original, auto_class):
+        lora = getattr(original, "peft_config", None)
+        built = auto_class.from_config(original.get_base_model().config if lora else original.config)
         if lora:
             from peft import get_peft_model
 
-            new_policy = get_peft_model(new_policy, lora["default"])
-        copy = ActorCritic(new_policy, AutoModelForSequenceClassification.from_config(value_model.config))
+            built = get_peft_model(built, lora["default"])
+        return built
+
+    with torch.device("meta"):
+        copy = ActorCritic(empty_like(policy, AutoModelForCausalLM),
+                           empty_like(value_model, AutoModelForSequenceClassification))
     copy.load_state_dict(state, assign=True)
     for new, old in ((copy.policy, policy), (copy.value_model, value_model)):
         new.tie_weights()  # assign=True replaced tied parameters one by one

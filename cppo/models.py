@@ -252,16 +252,22 @@ def load_policy(source: str, cfg: ModelConfig, pad_token_id: int):
     model.config.pad_token_id = pad_token_id
     model.generation_config.pad_token_id = pad_token_id
     if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_target_modules
-        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_dropout=cfg.lora_dropout,
-                          target_modules=targets[0] if targets == ["all-linear"] else targets)
-        model = get_peft_model(model, lora)
-        disable_dropout(model)  # the adapters' own dropout modules (model.lora_dropout must be 0 anyway)
+        model = with_lora(model, cfg, cfg.lora_r, "CAUSAL_LM")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    return model
+
+
+def with_lora(model, cfg: ModelConfig, rank: int, task_type: str):
+    """`model` with LoRA adapters of rank `rank` on `cfg.lora_target_modules` (peft); for a critic
+    (SEQ_CLS) peft trains its scalar head whole."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(task_type=task_type, r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets)
+    model = get_peft_model(model, lora)
+    disable_dropout(model)  # the adapters' own dropout modules (model.lora_dropout must be 0 anyway)
     return model
 
 
@@ -295,6 +301,8 @@ def load_value_model(source: str, cfg: ModelConfig, pad_token_id: int):
     finally:
         hf_logging.set_verbosity(previous)
     model.config.pad_token_id = pad_token_id
+    if cfg.value_lora_r > 0:
+        model = with_lora(model, cfg, cfg.value_lora_r, "SEQ_CLS")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -317,7 +325,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_scalars(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   keep: int | None = None) -> torch.Tensor:
     """Scalar head applied at every position (or the last `keep`). (B, L) -> (B, L or keep), float32."""
-    backbone = model.base_model
+    # A critic with LoRA (peft) wraps the sequence-classification model; the backbone is inside it.
+    backbone = (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     if keep is not None:

@@ -546,7 +546,10 @@ class PPOTrainer:
         if original is not None:
             original.save_pretrained(directory / "policy")
         self.tokenizer.save_pretrained(directory / "policy")
-        model.value_model.save_pretrained(directory / "value_model")
+        value_model = model.value_model
+        if self.config.model.value_lora_r > 0:  # the next task's critic loads from a plain directory
+            value_model = copy.deepcopy(value_model).merge_and_unload()
+        value_model.save_pretrained(directory / "value_model")
         self.tokenizer.save_pretrained(directory / "value_model")
 
 

@@ -109,7 +109,8 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
     assert all(torch.equal(policy[k], v) for k, v in weights(straight, "policy").items())
 
 
-LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "ppo.gradient_accumulation_steps=2",
+LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "model.value_lora_r=4",
+            "ppo.gradient_accumulation_steps=2",
             "ppo.max_grad_norm=0.5", "ppo.ppo_epochs=1"]
 
 
@@ -126,15 +127,16 @@ def ddp_lora_run(tmp_path_factory):
                                      for b in SHARDED])
 def test_lora_gradient_accumulation_and_clipping_match_ddp(backend, ddp_lora_run, tmp_path):
     """Two micro-batches per process and update (DeepSpeed would step at each one unless told), the
-    gradient clipped to 0.5 (inside DeepSpeed's step), LoRA adapters initialised at load time (each process
-    must start from the same ones) and a merged policy saved from sharded weights."""
+    gradient clipped to 0.5 (inside DeepSpeed's step), LoRA adapters on policy and critic initialised at
+    load time (each process must start from the same ones), merged models saved from sharded weights."""
     out = tmp_path / "out"
     result = launch(backend, out, *LORA_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = metrics(out), metrics(ddp_lora_run)
     for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/grad_norm"):
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-4, abs=1e-6), key
-    assert largest_difference(weights(out, "policy"), weights(ddp_lora_run, "policy")) <= WEIGHT_TOLERANCE
+    for name in ("policy", "value_model"):
+        assert largest_difference(weights(out, name), weights(ddp_lora_run, name)) <= WEIGHT_TOLERANCE
     assert (out / "task_2_digits" / "policy_adapter" / "adapter_config.json").is_file()
 
 

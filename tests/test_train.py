@@ -159,6 +159,31 @@ def test_lora_policy_uses_the_base_as_reference_and_saves_merged(tmp_path, tiny_
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
+def test_lora_critic_trains_adapters_and_its_head_and_saves_a_plain_critic(tmp_path, tiny_config, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from cppo.config import load_config
+    from cppo.continual import build_trainer
+    from cppo.session import reset_accelerate_state
+
+    out = tmp_path / "out"
+    trainer = build_trainer(load_config(tiny_config, [*quick_overrides(tmp_path / "probe"), "model.value_lora_r=4"]))
+    trainable = [n for n, p in trainer.unwrapped.value_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or ".score." in n for n in trainable)
+    assert any(".score." in n for n in trainable)  # the scalar head trains whole
+    before = trainer.unwrapped.value_model.get_base_model().score.modules_to_save["default"].weight.detach().clone()
+    trainer.step()
+    after = trainer.unwrapped.value_model.get_base_model().score.modules_to_save["default"].weight
+    assert not torch.equal(before, after)
+    del trainer
+    reset_accelerate_state()
+
+    code, err = run_cli([tiny_config, *quick_overrides(out), "model.value_lora_r=4"], capsys)
+    assert code == 0, err
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert not any("lora" in name or "modules_to_save" in name for name, _ in critic.named_parameters())
+
+
 def test_trackers_wandb_offline_and_tensorboard(tmp_path, tiny_config, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "out"
