@@ -163,12 +163,11 @@ class Backend:
         computing as the trained policy does: DeepSpeed and FSDP2 run bf16 / fp16 on weights in that dtype
         (not through autocast), so the frozen copy takes it too; else the first step's KL to an identical
         reference would be rounding, not 0."""
-        model = model.to(self.accelerator.device)
         if self.deepspeed or self.fsdp2:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
             if dtype is not None:
-                model = model.to(dtype)
-        return model
+                model = model.to(dtype)  # before the move: the device never holds the float32 copy
+        return model.to(self.accelerator.device)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config):
         """Wrap policy + critic and the optimiser for the back end. The learning-rate schedule stays ours
