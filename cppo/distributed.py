@@ -223,16 +223,14 @@ class Backend:
             units = [m for m in model.modules() if isinstance(m, FSDPModule)]
             for unit in units:
                 unit.unshard()
-            # Each unit's own hooks would reshard it after its forward and gather it again for the next:
-            # a collective per token. Kept whole until the end instead.
-            for unit in units:
+                # Its own hooks would reshard it after each forward and gather it again for the next: a
+                # collective per token. Kept whole until the end instead.
                 unit.set_reshard_after_forward(False, recurse=False)
             try:
                 yield unwrapped
             finally:
                 for unit in units:
                     unit.reshard()
-                for unit in units:
                     unit.set_reshard_after_forward(True, recurse=False)
         else:
             yield unwrapped

@@ -29,7 +29,8 @@ RUN = ["tasks.0.steps=3", "tasks.1.steps=3", "ppo.rollout_batch_size=8", "ppo.mi
 SHARDED = ["zero2", "zero3", "fsdp2"]
 WEIGHT_TOLERANCE = 1e-4
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="DeepSpeed is not installed (scripts/setup.sh --backends)")
+                                     reason="DeepSpeed is not installed (scripts/setup.sh installs it)")
+SHARDED_RUNS = [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") else ()) for b in SHARDED]
 
 
 def launch(backend: str, out, *extra: str, failpoint: str | None = None, force: bool = True,
@@ -63,17 +64,20 @@ def largest_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "out"
-    result = launch("ddp", out)
+def ddp_reference(tmp_path_factory, name: str, *extra: str):
+    out = tmp_path_factory.mktemp(name) / "out"
+    result = launch("ddp", out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return ddp_reference(tmp_path_factory, "ddp")
+
+
 @pytest.mark.backends
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") else ())
-                                     for b in SHARDED])
+@pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = launch(backend, straight)
@@ -111,29 +115,26 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
 
 LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "model.value_lora_r=4",
             "ppo.gradient_accumulation_steps=2",
-            "ppo.max_grad_norm=0.5", "ppo.ppo_epochs=1"]
+            "ppo.max_grad_norm=0.5", "ppo.ppo_epochs=1", "ppo.lr_scheduler=linear"]
 
 
 @pytest.fixture(scope="module")
 def ddp_lora_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_lora") / "out"
-    result = launch("ddp", out, *LORA_RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return ddp_reference(tmp_path_factory, "ddp_lora", *LORA_RUN)
 
 
 @pytest.mark.backends
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") else ())
-                                     for b in SHARDED])
+@pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_lora_gradient_accumulation_and_clipping_match_ddp(backend, ddp_lora_run, tmp_path):
     """Two micro-batches per process and update (DeepSpeed would step at each one unless told), the
-    gradient clipped to 0.5 (inside DeepSpeed's step), LoRA adapters on policy and critic initialised at
-    load time (each process must start from the same ones), merged models saved from sharded weights."""
+    gradient clipped to 0.5 (inside DeepSpeed's step), a decaying learning rate (cppo's schedule on
+    DeepSpeed's optimiser), LoRA adapters on policy and critic initialised at load time (each process must
+    start from the same ones), merged models saved from sharded weights."""
     out = tmp_path / "out"
     result = launch(backend, out, *LORA_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = metrics(out), metrics(ddp_lora_run)
-    for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/grad_norm"):
+    for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/grad_norm", "lr"):
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-4, abs=1e-6), key
     for name in ("policy", "value_model"):
         assert largest_difference(weights(out, name), weights(ddp_lora_run, name)) <= WEIGHT_TOLERANCE
@@ -141,8 +142,7 @@ def test_lora_gradient_accumulation_and_clipping_match_ddp(backend, ddp_lora_run
 
 
 @pytest.mark.backends
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") else ())
-                                     for b in SHARDED])
+@pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_bf16_reference_computes_as_the_policy(backend, tmp_path):
     """Under bf16 the sharded back ends hold the policy's weights in bf16; the frozen reference must
     compute the same way, so that the first step's KL between two identical models is exactly 0."""
