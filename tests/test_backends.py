@@ -115,7 +115,7 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
 
 LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "model.value_lora_r=4",
             "ppo.gradient_accumulation_steps=2",
-            "ppo.max_grad_norm=0.5", "ppo.ppo_epochs=1", "ppo.lr_scheduler=linear"]
+            "ppo.max_grad_norm=0.5", "ppo.ppo_epochs=1", "ppo.lr_scheduler=linear", "model.gradient_checkpointing=true"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_lora_gradient_accumulation_and_clipping_match_ddp(backend, ddp_lora_run
     """Two micro-batches per process and update (DeepSpeed would step at each one unless told), the
     gradient clipped to 0.5 (inside DeepSpeed's step), a decaying learning rate (cppo's schedule on
     DeepSpeed's optimiser), LoRA adapters on policy and critic initialised at load time (each process must
-    start from the same ones), merged models saved from sharded weights."""
+    start from the same ones), gradient checkpointing, merged models saved from sharded weights."""
     out = tmp_path / "out"
     result = launch(backend, out, *LORA_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
