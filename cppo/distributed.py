@@ -14,6 +14,7 @@ not take effect is an error, never a silent fallback to DDP.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
 
 from .config import Config, UserError
 
@@ -51,8 +53,9 @@ def make_accelerator(config: Config) -> Accelerator:
     if sharded and cpu and not forced:
         raise UserError(f"accelerate config: {requested} needs GPUs and none is visible (accelerate would silently run "
                         "plain DDP instead); run on GPUs, or use configs/accelerate/multi_gpu.yaml")
-    if requested == "deepspeed-zero2" or requested == "deepspeed-zero3":
-        import deepspeed  # noqa: F401  (a missing DeepSpeed fails here, with accelerate's install hint)
+    if requested.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"accelerate config: {requested} needs DeepSpeed, which is not installed: "
+                        'DS_BUILD_OPS=0 pip install --no-build-isolation "cppo[deepspeed]"')
     # mixed_precision null: accelerate's own setting (its config file or --mixed_precision) applies.
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
                               log_with=config.report_to or None, project_dir=config.output_dir)
@@ -317,8 +320,6 @@ class Backend:
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory / "fsdp")
         else:
-            from safetensors.torch import save_file
-
             if self.accelerator.is_main_process:
                 trainable = {name: p.detach().cpu().contiguous()
                              for name, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
@@ -342,8 +343,6 @@ class Backend:
             dcp.load(state, checkpoint_id=directory / "fsdp")
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         else:
-            from safetensors.torch import load_file
-
             weights = load_file(directory / "trainable.safetensors")
             with torch.no_grad():
                 for name, p in self.accelerator.unwrap_model(model).named_parameters():

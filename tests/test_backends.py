@@ -178,8 +178,8 @@ def test_fsdp1_is_refused_with_one_line(tmp_path):
     assert (tmp_path / "exits" / "rank_0").read_text() == "2"
     assert "fsdp1 is not supported" in result.stderr and not out.exists()
 
-@pytest.mark.parametrize(("launcher", "configured", "effective"), [("bf16", None, "bf16"), ("bf16", "no", "no"),
-                                                                  ("no", None, "no")])
+@pytest.mark.backends
+@pytest.mark.parametrize(("launcher", "configured", "effective"), [("bf16", None, "bf16"), ("bf16", "no", "no")])
 def test_mixed_precision_left_unset_follows_the_accelerate_config(launcher, configured, effective, tmp_path):
     out = tmp_path / "out"
     extra = ["tasks.0.steps=1", "tasks.1.steps=1", "eval.max_prompts=2"]
@@ -190,6 +190,7 @@ def test_mixed_precision_left_unset_follows_the_accelerate_config(launcher, conf
     assert json.loads((out / "backend.json").read_text())["mixed_precision"] == effective
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("backend", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
 def test_weight_penalties_are_refused_where_weights_are_sharded(backend, tmp_path):
     out = tmp_path / "out"

@@ -234,10 +234,10 @@ def test_output_dir_on_a_read_only_file_system(tmp_path, capfd):
 
 
 def test_a_full_disk_leaves_whole_checkpoints_and_one_line(tmp_path, capfd, monkeypatch):
-    import cppo.trainer
+    import cppo.distributed
 
     out, calls = tmp_path / "run", []
-    real_save_file = cppo.trainer.save_file
+    real_save_file = cppo.distributed.save_file
 
     def full_on_the_second_checkpoint(tensors, path, *args, **kwargs):
         calls.append(path)
@@ -245,7 +245,7 @@ def test_a_full_disk_leaves_whole_checkpoints_and_one_line(tmp_path, capfd, monk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_save_file(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(cppo.trainer, "save_file", full_on_the_second_checkpoint)
+    monkeypatch.setattr(cppo.distributed, "save_file", full_on_the_second_checkpoint)
     line = one_error_line(*train([TINY, *quick_overrides(out, steps=3, save_steps=1)], capfd),
                           "cannot write checkpoint")
     assert "step_00000002: No space left on device" in line
