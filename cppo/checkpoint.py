@@ -8,7 +8,8 @@ A checkpoint is a directory `output_dir/checkpoints/step_<global step>/`:
   regularizer.pt          the continual baseline's state (EWC/MAS importance, ...)
   state.json              steps, task position, data position and fingerprint, KL coefficient, score
                           moments, the evaluation matrix so far, the tracker's run id, the resolved config
-  manifest.json           sha256 of every other file, written last
+  deepspeed/, fsdp/       instead of the first two under DeepSpeed / FSDP2: every process's shard
+  manifest.json           sha256 of every other file (subdirectories included), written last
 
 It is written into a temporary directory, fsynced, and renamed into place, so a kill leaves either
 the whole checkpoint or none. Loading verifies every hash; the newest checkpoint that verifies wins.
@@ -109,10 +110,13 @@ class CheckpointWriter:
         self.accelerator.wait_for_everyone()
 
     def _publish(self) -> None:
-        files = sorted(p for p in self.staging.iterdir() if p.is_file())
+        # Sharded back ends write each process's shard into a subdirectory (deepspeed/, fsdp/): hashed too.
+        files = sorted(p for p in self.staging.rglob("*") if p.is_file())
         for path in files:
             _fsync(path)
-        manifest = {p.name: _sha256(p) for p in files}
+        for folder in sorted(p for p in self.staging.rglob("*") if p.is_dir()):
+            _fsync(folder)
+        manifest = {p.relative_to(self.staging).as_posix(): _sha256(p) for p in files}
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(self.staging / MANIFEST)
         failpoint(f"checkpoint:{self.final.name}:before_rename")

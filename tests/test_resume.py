@@ -211,3 +211,25 @@ def test_two_process_run_resumes_exactly(tmp_path):
         a, b = load_file(straight / name / "model.safetensors"), load_file(resumed / name / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert steps_without_timing(straight) == steps_without_timing(resumed)
+
+
+def test_files_in_subdirectories_of_a_checkpoint_are_hashed(tmp_path):
+    """DeepSpeed and FSDP2 write each process's shard into a subdirectory of the checkpoint: those files
+    are in the manifest too, so a damaged shard is found before a resume loads it."""
+    from cppo.checkpoint import CheckpointWriter, verify
+
+    class OneProcess:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    with CheckpointWriter(OneProcess(), tmp_path, 7) as staging:
+        (staging / "state.json").write_text("{}")
+        (staging / "deepspeed").mkdir()
+        (staging / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"shard of rank 1")
+    checkpoint = tmp_path / "checkpoints" / "step_00000007"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in manifest and verify(checkpoint) is None
+    (checkpoint / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"shard of rank 0")
+    assert verify(checkpoint) == "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256"
