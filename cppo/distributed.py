@@ -53,6 +53,11 @@ def make_accelerator(config: Config) -> Accelerator:
     if sharded and cpu and not forced:
         raise UserError(f"accelerate config: {requested} needs GPUs and none is visible (accelerate would silently run "
                         "plain DDP instead); run on GPUs, or use configs/accelerate/multi_gpu.yaml")
+    if requested == "fsdp2" and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        # transformers would then load every model (frozen ones too) on the meta device outside rank 0.
+        raise UserError("accelerate config: fsdp_cpu_ram_efficient_loading true leaves every model but rank 0's empty "
+                        "at load time, the frozen reference and reward models too; set it to false "
+                        "(configs/accelerate/fsdp2.yaml)")
     if requested.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"accelerate config: {requested} needs DeepSpeed, which is not installed: "
                         'DS_BUILD_OPS=0 pip install --no-build-isolation "cppo[deepspeed]"')

@@ -166,17 +166,21 @@ def test_a_sharded_back_end_that_cannot_take_effect_is_a_one_line_error(backend,
     assert not out.exists()
 
 
-def test_fsdp1_is_refused_with_one_line(tmp_path):
-    config = tmp_path / "fsdp1.yaml"
-    config.write_text((ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version: 2",
-                                                                                            "fsdp_version: 1"))
+@pytest.mark.parametrize(("setting", "message"), [
+    (("fsdp_version: 2", "fsdp_version: 1"), "fsdp1 is not supported"),
+    (("fsdp_cpu_ram_efficient_loading: false", "fsdp_cpu_ram_efficient_loading: true"),
+     "fsdp_cpu_ram_efficient_loading true leaves every model but rank 0's empty"),
+])
+def test_fsdp_settings_cppo_cannot_run_are_refused_with_one_line(setting, message, tmp_path):
+    config = tmp_path / "fsdp.yaml"
+    config.write_text((ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text().replace(*setting))
     out = tmp_path / "out"
     env = {**subprocess_env(), "CPPO_TEST_FORCE_BACKEND_ON_CPU": "1", "RANK_EXIT_DIR": str(tmp_path / "exits")}
     result = subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(config),
                              "--num_processes", "2", str(ROOT / "tests" / "rank_exit_script.py"), "train", CONTINUAL,
                              f"output_dir={out}", *RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert (tmp_path / "exits" / "rank_0").read_text() == "2"
-    assert "fsdp1 is not supported" in result.stderr and not out.exists()
+    assert message in result.stderr and not out.exists()
 
 @pytest.mark.backends
 @pytest.mark.parametrize(("launcher", "configured", "effective"), [("bf16", None, "bf16"), ("bf16", "no", "no")])
