@@ -163,6 +163,10 @@ class Backend:
             raise UserError(f"continual.regularizer {config.continual.regularizer} penalises every weight against a "
                             f"whole copy and needs whole weights in each process; {self.name} shards them (use DDP or "
                             "DeepSpeed ZeRO-2, or regularizer lwf)")
+        if self.sharded_weights and config.continual.regularizer == "lwf" and config.model.lora_r > 0:
+            raise UserError(f"continual.regularizer lwf with model.lora_r {config.model.lora_r} reads π_{{t−1}} as the "
+                            f"policy with its adapters off inside every update, a forward {self.name} cannot make on "
+                            "sharded weights (use DDP or DeepSpeed ZeRO-2, or model.lora_r 0)")
 
     # ---------------------------------------------------------------------------------- wrapping
 

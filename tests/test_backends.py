@@ -195,13 +195,17 @@ def test_mixed_precision_left_unset_follows_the_accelerate_config(launcher, conf
 
 
 @pytest.mark.backends
-@pytest.mark.parametrize("backend", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
-def test_weight_penalties_are_refused_where_weights_are_sharded(backend, tmp_path):
+@pytest.mark.parametrize(("backend", "settings", "message"), [
+    pytest.param("zero3", ["continual.regularizer=ewc"], "continual.regularizer ewc", marks=needs_deepspeed),
+    ("fsdp2", ["continual.regularizer=ewc"], "continual.regularizer ewc"),
+    ("fsdp2", ["continual.regularizer=lwf", "model.lora_r=4"], "continual.regularizer lwf with model.lora_r 4"),
+])
+def test_what_sharded_weights_cannot_do_is_refused_with_one_line(backend, settings, message, tmp_path):
     out = tmp_path / "out"
-    result = launch(backend, out, "continual.regularizer=ewc")
+    result = launch(backend, out, *settings)
     assert (tmp_path / "out-exits" / "rank_0").read_text() == "2"
     errors = [line for line in result.stderr.splitlines() if line.startswith("cppo: error")]
-    assert len(errors) == 1 and "continual.regularizer ewc" in errors[0] and "shards them" in errors[0]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not out.exists()
 
 
