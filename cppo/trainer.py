@@ -340,7 +340,7 @@ class PPOTrainer:
                 if fault is None:
                     self.backend.optimizer_step(self.model, self.optimizer)
                     self.scheduler.step()
-                    if grad_norm is None:  # DeepSpeed: its engine takes the norm inside the step
+                    if grad_norm is None:  # a back end that clips inside its own step reports the norm after it
                         update["policy/grad_norm"] = self.backend.last_grad_norm(self.model)
                     for key, value in update.items():
                         sums[key] = sums.get(key, 0.0) + value
