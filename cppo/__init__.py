@@ -1,7 +1,17 @@
 """cppo: Continual Proximal Policy Optimization (CPPO, ICLR 2024) for causal language models."""
 
-from .config import Config, UserError, load_config
-from .trainer import CPPOTrainer, PPOTrainer
-
 __all__ = ["CPPOTrainer", "Config", "PPOTrainer", "UserError", "load_config"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported on first use: `cppo sweep` and the config loader run without torch or the trainer.
+    if name in ("CPPOTrainer", "PPOTrainer"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    if name in ("Config", "UserError", "load_config"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'cppo' has no attribute {name!r}")

@@ -43,6 +43,13 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    return run_sweep(args.sweep, jobs=args.jobs, report_only=args.report, dry_run=args.dry_run,
+                     wandb=args.wandb, create=args.create)
+
+
 def build_tiny(args: argparse.Namespace) -> int:
     from .models import build_tiny_gpt2
 
@@ -51,7 +58,8 @@ def build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as the commands read it (`key=value` overrides gathered wherever they stand)."""
     parser = argparse.ArgumentParser(prog="cppo", description="Continual PPO for causal language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train on a config: cppo train CONFIG [key=value ...]")
@@ -71,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
     p.set_defaults(run=demo)
+    p = commands.add_parser("sweep", help="run the trials of a sweep file, each as its own `cppo train`: "
+                                          "cppo sweep SWEEP.yaml (again: finishes it)")
+    p.add_argument("sweep", help="sweep file (YAML): base config, parameters, variants, seeds, metric, jobs")
+    p.add_argument("--jobs", type=int, default=None, help="trials at once (default: the sweep file's `jobs`)")
+    p.add_argument("--report", action="store_true", help="rebuild results.jsonl/.md and the plots, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the trials and their overrides, run nothing")
+    p.add_argument("--wandb", action="store_true",
+                   help="write a wandb sweep definition per variant (wandb agent then runs the same trials)")
+    p.add_argument("--create", action="store_true", help="with --wandb: also create the sweeps on the wandb server")
+    p.set_defaults(run=sweep)
     p = commands.add_parser("build-tiny", help="write a tiny offline GPT-2 and its tokenizer to a directory")
     p.add_argument("out_dir")
     p.set_defaults(run=build_tiny)
@@ -81,12 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
     if unknown:
         args.overrides = [*args.overrides, *unknown]
-    from transformers.utils import logging as hf_logging
+    if getattr(args, "create", False) and not args.wandb:
+        parser.error("--create goes with --wandb")
+    return args
 
-    hf_logging.disable_progress_bar()  # loading/saving bars would bury the training progress
-    import datasets
 
-    datasets.disable_progress_bars()
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.command != "sweep":  # a sweep only starts processes: none of the libraries models need
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # loading/saving bars would bury the training progress
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         return args.run(args)
     except UserError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -385,13 +386,16 @@ class Config:
     seed: int = 0
     """Seed of every random number generator (python, numpy, torch, data order, sampling)."""
     output_dir: str = "runs/ppo"
-    """Where metrics, the resolved config and the final models are written."""
+    """Where metrics, the resolved config and the final models are written. `{dotted.key}` is replaced by that
+    field's value (`runs/kr{cppo.kr_coef}-seed{seed}`), as in `run_name` and `run_group`: how sweeps name trials."""
     report_to: list[str] = field(default_factory=list)
     """Trackers fed the same metrics as metrics.jsonl: any of `wandb`, `tensorboard`."""
     project: str = "cppo"
     """Tracker project name."""
     run_name: str | None = None
     """Tracker run name; defaults to the output directory's name."""
+    run_group: str | None = None
+    """Tracker group (wandb `group`): the trials of one sweep share it."""
     logging_steps: int = 1
     """Print a plain progress line every this many steps when stderr is not a terminal."""
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
@@ -488,7 +492,35 @@ def load_config(path: str | Path | None, overrides: list[str] = (), num_processe
         if not sep or not key:
             raise UserError(f"override {item!r} must look like key=value (e.g. ppo.learning_rate=1e-5)")
         _set_dotted(raw, key.lstrip("-"), yaml.safe_load(text) if text else None)
-    return from_dict(Config, raw).validate(num_processes)
+    config = from_dict(Config, raw)
+    for name in ("output_dir", "run_name", "run_group"):
+        text = getattr(config, name)
+        if text is not None:
+            setattr(config, name, _PLACEHOLDER.sub(lambda m, name=name: path_text(_field(config, m[1], name)), text))
+    return config.validate(num_processes)
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
+
+
+def _field(config: Config, dotted: str, where: str) -> Any:
+    """The value of config field `dotted` (`cppo.kr_coef`, `tasks.0.steps`), named in `where`'s text."""
+    node: Any = config
+    for part in dotted.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
+            node = getattr(node, part)
+        else:
+            raise UserError(f"{where}: {{{dotted}}} names no config field")
+    if dataclasses.is_dataclass(node) or isinstance(node, list | dict):
+        raise UserError(f"{where}: {{{dotted}}} is a section, not a value")
+    return node
+
+
+def path_text(value: Any) -> str:
+    """A config value as a piece of a file name: `0.01`, `3e-05`, `cppo`, `None`; other characters become `_`."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(value))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -531,6 +563,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 def _convert(tp: Any, value: Any, name: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name + ".")
     if origin in (typing.Union, types.UnionType):
@@ -550,6 +584,10 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{name} must be a list, got {value!r}")
         return [_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{name}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -577,7 +615,7 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
 
 
 # Fields that change how a run is reported or saved, never what it computes: they may differ on resume.
-RESUME_SAFE_FIELDS = {"output_dir", "report_to", "project", "run_name", "logging_steps", "save_steps",
+RESUME_SAFE_FIELDS = {"output_dir", "report_to", "project", "run_name", "run_group", "logging_steps", "save_steps",
                       "save_total_limit", "ppo.on_nonfinite", "ppo.max_nonfinite_skips"}
 
 

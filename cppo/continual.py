@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import uuid
@@ -286,7 +287,8 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
     matrix = EvalMatrix(evaluator.task_names, out / "eval_matrix.json",
                         config.eval_reward.model or config.eval_reward.function if config.eval_reward else None)
     regularizer = build_regularizer(config)
-    run_id = state["run_id"] if state else uuid.uuid4().hex[:12]
+    # A run started by `wandb agent` must log under the id the sweep gave it, or the sweep never sees it.
+    run_id = state["run_id"] if state else os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
     session.tracker.resume(run_id, state["global_step"] if state else None)
     checkpointer = Checkpointer(session, matrix, regularizer, run_id)
     if state is not None:
@@ -337,6 +339,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
             _write_json(out / "summary.json", summary)
         if evaluator.sets:
             print(format_table(matrix), flush=True)
+    session.tracker.log_summary(summary)
     acc.wait_for_everyone()
     session.tracker.finish()
     return summary

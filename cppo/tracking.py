@@ -52,7 +52,7 @@ class Tracker:
         if self.config.report_to:
             run_name = self.config.run_name or self.output_dir.name
             init_kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir), "id": self.run_id,
-                                     "resume": "allow"}}
+                                     "resume": "allow", "group": self.config.run_group}}
             tracked = _flatten({**self.config.to_dict(), "backend": self.backend})
             self.accelerator.init_trackers(self.config.project, config=tracked, init_kwargs=init_kwargs)
         self._started = True
@@ -73,6 +73,15 @@ class Tracker:
         if self.enabled and self.config.report_to:
             self.accelerator.log({f"eval/{task}/{kind}": value for task, scores in results.items()
                                   for kind, value in scores.items() if value is not None}, step=step)
+
+    def log_summary(self, summary: dict) -> None:
+        """The run's continual metrics (summary.json without the last step's stats, which are logged already)
+        into the trackers' run summary, as `summary/reward/final_average`: what a wandb sweep optimises."""
+        if not (self.enabled and "wandb" in self.config.report_to):
+            return
+        flat = _flatten({k: v for k, v in summary.items() if k != "final_stats"}, "summary.")
+        self.accelerator.get_tracker("wandb", unwrap=True).summary.update(
+            {key.replace(".", "/"): value for key, value in flat.items() if isinstance(value, int | float)})
 
     def finish(self) -> None:
         """Close the trackers (main process) and the process group (every process)."""

@@ -1,0 +1,641 @@
+"""Config-driven sweeps: `cppo sweep SWEEP.yaml` expands trials and runs each as its own `cppo train` process.
+
+A sweep file names a training config (`base`), overrides for every trial, swept `parameters` (grid or random,
+with conditions), named `variants`, `seeds` and the `metric`. Every trial is validated against the training
+schema before any starts. Trials run `jobs` at a time, each in its own process (under `launcher` if given), so
+a trial that crashes never takes the sweep with it; this module never imports the trainer.
+
+On disk, under the sweep's `output_dir`:
+    sweep.yaml               the sweep file as last run
+    trials/NAME.yaml         the trial's resolved training config     trials/NAME/   its output_dir
+    trials/NAME.log          its output, every attempt                trials/NAME.json  status, error, wall time
+    results.jsonl, results.md, metric.png, tradeoff.png (cppo/sweep_report.py)
+Running the same command again reuses finished trials, resumes stopped ones from their newest checkpoint and
+retries failed ones; `--report` rebuilds the results from what is on disk.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .config import UserError, config_differences, from_dict, load_config
+
+DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
+_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
+
+
+@dataclass
+class Metric:
+    name: str = "reward.final_average"
+    """A key of the trial's summary.json, dotted (`reward.final_average`, `final_stats.reward/mean`), or of
+    the last line of its metrics.jsonl (`reward/mean`)."""
+    goal: Literal["maximize", "minimize"] = "maximize"
+    """Which way is better."""
+
+
+@dataclass
+class Variant:
+    overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides of this variant (e.g. `algo=cppo`, `cppo.weighting=balance`)."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """Parameters swept in this variant only (same forms as the sweep's `parameters`, which it extends)."""
+    confirm: bool = True
+    """Run this variant's best setting on `confirm_seeds` (false: its trials are reference points only)."""
+
+
+@dataclass
+class SweepConfig:
+    base: str = ""
+    """The training config every trial starts from (a path, relative to where `cppo sweep` runs)."""
+    overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides applied to every trial."""
+    method: Literal["grid", "random"] = "grid"
+    """`grid`: every combination of the parameters' values; `random`: `trials` settings drawn per variant."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """Dotted config key → a list of values, or {values: [...]} / {distribution: uniform | log_uniform |
+    int_uniform, min:, max:} (random only), either with `when: {other_key: value or [values]}`: swept only
+    in settings where that earlier parameter has one of those values."""
+    variants: dict[str, Variant] = field(default_factory=dict)
+    """Named override sets (name → {overrides, parameters, confirm}, or name → [overrides]); each variant is
+    swept over the parameters. Empty: one unnamed variant."""
+    seeds: list[int] = field(default_factory=list)
+    """Every setting runs once per seed (the training config's `seed`); empty: the base config's seed."""
+    confirm_seeds: list[int] = field(default_factory=list)
+    """Held-out seeds: once the sweep is done, each variant's best setting (mean metric over `seeds`) runs on
+    these, and results.md reports them apart. Disjoint from `seeds`."""
+    trials: int = 10
+    """Settings drawn per variant (`method: random`); each runs on every seed."""
+    sample_seed: int = 0
+    """Seed of the random draws (`method: random`): the same seed draws the same settings."""
+    metric: Metric = field(default_factory=Metric)
+    """What ranks the settings."""
+    jobs: int = 1
+    """Trials at once; this machine's CPU threads are split between them (OMP_NUM_THREADS)."""
+    launcher: str | None = None
+    """Command that stands for `python -m cppo`, e.g. `accelerate launch --config_file
+    configs/accelerate/multi_gpu.yaml -m cppo`. With `jobs` > 1 each trial gets its own rendezvous port."""
+    devices_per_trial: int | None = None
+    """GPUs per trial: the visible GPUs are split into `jobs` groups of this size (CUDA_VISIBLE_DEVICES)."""
+    output_dir: str | None = None
+    """Where the trials and results go; default `runs/sweeps/<sweep file name>`."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    key: str
+    values: tuple | None
+    distribution: str | None = None
+    low: float | None = None
+    high: float | None = None
+    when: tuple[tuple[str, tuple], ...] = ()
+
+    def applies(self, chosen: dict[str, Any]) -> bool:
+        return all(key in chosen and chosen[key] in allowed for key, allowed in self.when)
+
+    def sample(self, rng: random.Random) -> Any:
+        if self.values is not None:
+            return rng.choice(self.values)
+        if self.distribution == "int_uniform":
+            return rng.randint(int(self.low), int(self.high))
+        if self.distribution == "log_uniform":
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        return float(f"{value:.4g}")  # 4 significant digits: the trial's name shows exactly what it ran
+
+
+@dataclass
+class Trial:
+    name: str
+    stage: Literal["search", "confirm"]
+    variant: str | None
+    params: dict[str, Any]
+    seed: int
+    overrides: list[str]
+    """The trial's own overrides (variant, parameters, seed), after the sweep's."""
+    config: dict
+    """Its resolved training config."""
+
+    @property
+    def setting(self) -> tuple:
+        return self.variant, json.dumps(self.params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep file -> settings -> trials with resolved configs.
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep file {path} must hold a mapping of keys to values")
+    variants = raw.get("variants")
+    if isinstance(variants, list):
+        raise UserError(f"{path}: variants must map names to override sets (name: [key=value, ...]), got a list")
+    if isinstance(variants, dict):  # name: [overrides] is short for name: {overrides: [...]}
+        raw["variants"] = {name: {"overrides": v} if isinstance(v, list | str) else v for name, v in variants.items()}
+    try:
+        sweep = from_dict(SweepConfig, raw)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    _validate(sweep, path)
+    return sweep
+
+
+def _validate(sweep: SweepConfig, path: Path) -> None:
+    def check(ok: bool, name: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise UserError(f"{path}: {name} must be {allowed}, got {value!r}")
+
+    check(bool(sweep.base), "base", sweep.base, "the training config every trial starts from")
+    check(Path(sweep.base).is_file(), "base", sweep.base, "an existing training config file")
+    check(sweep.jobs > 0, "jobs", sweep.jobs, "> 0")
+    check(sweep.trials > 0, "trials", sweep.trials, "> 0")
+    check(sweep.devices_per_trial is None or sweep.devices_per_trial > 0, "devices_per_trial",
+          sweep.devices_per_trial, "> 0 or null")
+    check(len(set(sweep.seeds)) == len(sweep.seeds), "seeds", sweep.seeds, "distinct")
+    check(not set(sweep.seeds) & set(sweep.confirm_seeds), "confirm_seeds", sweep.confirm_seeds,
+          "disjoint from seeds (held-out seeds)")
+    check(not sweep.confirm_seeds or bool(sweep.seeds), "seeds", sweep.seeds,
+          "set when confirm_seeds is (the best setting is chosen on them)")
+    for name in sweep.variants:
+        check(bool(_NAME.match(name)), "variants", name, "names of letters, digits and . _ + - (they name directories)")
+    for where, overrides in [("overrides", sweep.overrides),
+                             *[(f"variants.{n}.overrides", v.overrides) for n, v in sweep.variants.items()]]:
+        for item in overrides:
+            key = item.partition("=")[0]
+            check("=" in item and bool(key), where, item, "key=value overrides")
+            check(key not in ("output_dir", "seed"), where, item,
+                  "free of output_dir and seed (the sweep sets them: `output_dir` and `seeds` in the sweep file)")
+    for variant in _variants(sweep):
+        _parameters(sweep, variant, path)  # every parameter's form checked before anything runs
+
+
+def _variants(sweep: SweepConfig) -> list[str | None]:
+    return list(sweep.variants) or [None]
+
+
+def _parameters(sweep: SweepConfig, variant: str | None, path: Path) -> list[Parameter]:
+    """The parameters swept in `variant`: the sweep's, then the variant's own (which replace same-named ones)."""
+    raw = {**sweep.parameters, **(sweep.variants[variant].parameters if variant else {})}
+    where = f"variants.{variant}.parameters" if variant else "parameters"
+    parsed: list[Parameter] = []
+    for key, spec in raw.items():
+        name = f"{path}: {where}['{key}']"
+        if key in ("seed", "output_dir"):
+            raise UserError(f"{name}: {key} is set by the sweep (`seeds` / `output_dir`), not swept as a parameter")
+        if isinstance(spec, list):
+            spec = {"values": spec}
+        if not isinstance(spec, dict):
+            raise UserError(f"{name} must be a list of values or a mapping with `values` or `distribution`, "
+                            f"got {spec!r}")
+        unknown = sorted(set(spec) - {"values", "distribution", "min", "max", "when"})
+        if unknown:
+            raise UserError(f"{name}: unknown key '{unknown[0]}' (known: values, distribution, min, max, when)")
+        when = spec.get("when") or {}
+        if not isinstance(when, dict):
+            raise UserError(f"{name}: when must map an earlier parameter to its value(s), got {when!r}")
+        earlier = [p.key for p in parsed]
+        for other in when:
+            if other not in earlier:
+                raise UserError(f"{name}: when names '{other}', which is not a parameter listed before it "
+                                f"(earlier: {', '.join(earlier) or 'none'})")
+        conditions = tuple((k, tuple(v) if isinstance(v, list) else (v,)) for k, v in when.items())
+        if ("values" in spec) == ("distribution" in spec):
+            raise UserError(f"{name}: give either values: [...] or distribution: {' | '.join(DISTRIBUTIONS)}")
+        if "values" in spec:
+            values = spec["values"]
+            if not isinstance(values, list) or not values:
+                raise UserError(f"{name}: values must be a non-empty list, got {values!r}")
+            if len({json.dumps(v) for v in values}) != len(values):
+                raise UserError(f"{name}: values must be distinct, got {values!r}")
+            parsed.append(Parameter(key, tuple(values), when=conditions))
+            continue
+        kind, low, high = spec["distribution"], spec.get("min"), spec.get("max")
+        if sweep.method == "grid":
+            raise UserError(f"{name}: a distribution needs method: random (a grid takes a list of values)")
+        if kind not in DISTRIBUTIONS:
+            raise UserError(f"{name}: distribution must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
+        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high))
+        if not numbers or not low < high:
+            raise UserError(f"{name}: needs numbers min < max, got min={low!r}, max={high!r}")
+        if kind == "log_uniform" and low <= 0:
+            raise UserError(f"{name}: log_uniform needs min > 0, got {low!r}")
+        if kind == "int_uniform" and not (isinstance(low, int) and isinstance(high, int)):
+            raise UserError(f"{name}: int_uniform needs integer min and max, got {low!r}, {high!r}")
+        parsed.append(Parameter(key, None, kind, low, high, conditions))
+    return parsed
+
+
+def settings(sweep: SweepConfig, path: Path) -> list[tuple[str | None, dict[str, Any]]]:
+    """(variant, {key: value}) of every setting, in a stable order: variants as listed, then the grid's
+    combinations in parameter order (or the random draws, seeded by `sample_seed` and the variant's name)."""
+    found = []
+    for variant in _variants(sweep):
+        parameters = _parameters(sweep, variant, path)
+        if sweep.method == "grid":
+            chosen: list[dict] = [{}]
+            for p in parameters:  # a parameter whose condition fails leaves that combination as it is
+                chosen = [grown for c in chosen
+                          for grown in ([{**c, p.key: v} for v in p.values] if p.applies(c) else [c])]
+        else:
+            rng = random.Random(f"{sweep.sample_seed}:{variant}")  # a variant's draws ignore the others
+            chosen = []
+            for _ in range(sweep.trials):
+                draw: dict[str, Any] = {}
+                for p in parameters:
+                    if p.applies(draw):
+                        draw[p.key] = p.sample(rng)
+                if draw not in chosen:  # drawn twice: one setting
+                    chosen.append(draw)
+        found += [(variant, c) for c in chosen]
+    return found
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` whose value the config loader (YAML) reads back as `value`."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str) and yaml.safe_load(value) != value:
+        text = json.dumps(value)
+    return f"{key}={text}"
+
+
+def name_template(variant: str | None, keys: list[str]) -> str:
+    """The trial's directory name as `output_dir` placeholders, filled by the config loader:
+    `cppo_balance-kr_coef={cppo.kr_coef}-seed{seed}` (a key's last part, or all of it where two would clash)."""
+    leaves = [k.split(".")[-1] for k in keys]
+    parts = [variant] if variant else []
+    parts += [f"{leaf if leaves.count(leaf) == 1 else key}={{{key}}}" for key, leaf in zip(keys, leaves, strict=True)]
+    return "-".join([*parts, "seed{seed}"])
+
+
+def sweep_dir(sweep: SweepConfig, path: Path) -> Path:
+    return Path(sweep.output_dir) if sweep.output_dir else Path("runs/sweeps") / path.stem
+
+
+def _num_processes(launcher: str | None) -> int:
+    words = shlex.split(launcher or "")
+    for i, word in enumerate(words):
+        for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
+            if word == flag and i + 1 < len(words) and words[i + 1].isdigit():
+                return int(words[i + 1])
+            if word.startswith(flag + "=") and word.split("=", 1)[1].isdigit():
+                return int(word.split("=", 1)[1])
+    return 1
+
+
+def resolve(sweep: SweepConfig, path: Path, chosen: list[tuple[str | None, dict]], seeds: list[int],
+            stage: Literal["search", "confirm"]) -> list[Trial]:
+    """Each setting on each seed as a Trial with its validated, resolved training config. A config error
+    stops here, naming the setting, before any trial runs."""
+    out = sweep_dir(sweep, path)
+    group = [] if yaml.safe_load(Path(sweep.base).read_text() or "{}").get("run_group") else [
+        f"run_group={path.stem}"]  # the sweep's trials share one tracker group
+    trials, names = [], {}
+    for variant, params in chosen:
+        own = [*(sweep.variants[variant].overrides if variant else []),
+               *(override(k, v) for k, v in params.items())]
+        for seed in seeds or [None]:
+            mine = [*own, f"seed={seed}"] if seed is not None else own
+            where = f"output_dir={out / 'trials' / name_template(variant, list(params))}"
+            try:
+                config = load_config(sweep.base, [*sweep.overrides, *group, *mine, where],
+                                     num_processes=_num_processes(sweep.launcher))
+            except UserError as e:
+                what = " ".join([f"variant {variant}"] * bool(variant) + [*map(str, own)]) or "the base config"
+                raise UserError(f"{path}: {what}: {e}") from None
+            name = Path(config.output_dir).name
+            if name in names:
+                raise UserError(f"{path}: two trials would share the directory trials/{name} "
+                                f"({names[name]} and {mine}); make the values differ in their names")
+            names[name] = mine
+            trials.append(Trial(name, stage, variant, dict(params), config.seed, mine, config.to_dict()))
+    return trials
+
+
+def _check_not_stale(out: Path, trials: list[Trial]) -> None:
+    """A trial on disk that ran another config (the base or the overrides changed since) is not reused."""
+    for trial in trials:
+        saved = out / "trials" / f"{trial.name}.yaml"
+        if saved.is_file():
+            changed = config_differences(yaml.safe_load(saved.read_text()), trial.config)
+            if changed:
+                raise UserError(f"trial {trial.name} in {out} ran with other values of {', '.join(changed[:4])}: "
+                                f"give the sweep another output_dir, or remove {out}/trials/{trial.name}* to rerun it")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running trials, `jobs` at a time.
+
+
+def _die_with_parent() -> None:
+    """In the trial's process: SIGTERM it (it saves a checkpoint and stops) if the sweep process dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error_line(output: str, returncode: int) -> str:
+    """The trial's own one-line error if it printed one, else what ended it."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    mine = [line for line in lines if line.startswith("cppo: error:")]
+    if mine:
+        return mine[-1]
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}: {lines[-1] if lines else 'no output'}"
+
+
+class Runner:
+    """Runs trials as `cppo train` processes in `jobs` slots; SIGINT/SIGTERM stop it cleanly: running trials
+    are asked to stop (they save a checkpoint), nothing new starts; a second SIGINT kills them."""
+
+    def __init__(self, sweep: SweepConfig, out: Path, jobs: int):
+        self.sweep, self.out, self.jobs = sweep, out, jobs
+        self.launcher = shlex.split(sweep.launcher) if sweep.launcher else [sys.executable, "-m", "cppo"]
+        processes = _num_processes(sweep.launcher)
+        self.threads = max(1, (os.cpu_count() or 1) // (jobs * processes))
+        self.devices = self._device_groups()
+        self.stopping = False
+        self.running: dict[int, tuple[Trial, subprocess.Popen, float, Any, int]] = {}
+        self.durations: list[float] = []
+        self.counts = {"finished": 0, "failed": 0}
+
+    def _device_groups(self) -> list[str] | None:
+        per = self.sweep.devices_per_trial
+        if per is None:
+            return None
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True) if shutil.which(
+                "nvidia-smi") else None
+            if listing is None or listing.returncode != 0:
+                raise UserError("devices_per_trial: no GPUs found (set CUDA_VISIBLE_DEVICES or install nvidia-smi)")
+            visible = ",".join(str(i) for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU"))
+        ids = [d for d in visible.split(",") if d.strip()]
+        groups = [",".join(ids[i:i + per]) for i in range(0, len(ids) - per + 1, per)]
+        if len(groups) < self.jobs:
+            raise UserError(f"jobs must be <= {len(groups)} with devices_per_trial={per} and {len(ids)} visible "
+                            f"GPU(s), got {self.jobs}")
+        return groups
+
+    def run(self, trials: list[Trial], on_settled) -> None:
+        queue = [t for t in trials if not (self.out / "trials" / t.name / "summary.json").is_file()]
+        total, self.started = len(trials), time.time()
+        self.todo = len(queue)
+        if not queue:
+            return
+        print(f"sweep: {total - len(queue)} of {total} trial(s) finished before; running {len(queue)}, "
+              f"{self.jobs} at a time, {self.threads} thread(s) each", file=sys.stderr, flush=True)
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.running or (queue and not self.stopping):
+                for slot in range(self.jobs):
+                    if slot not in self.running and queue and not self.stopping:
+                        self._start(queue.pop(0), slot)
+                time.sleep(0.2)
+                for slot, (_, process, *_) in list(self.running.items()):
+                    if process.poll() is not None:
+                        self._settle(slot)
+                        on_settled()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, signum, frame) -> None:
+        if self.stopping and signum == signal.SIGINT:  # asked twice: do not wait for checkpoints
+            for _, process, *_ in self.running.values():
+                os.killpg(process.pid, signal.SIGKILL)
+            return
+        self.stopping = True
+        print(f"sweep: stopping; {len(self.running)} running trial(s) save a checkpoint first "
+              "(run the same command again to finish)", file=sys.stderr, flush=True)
+        for _, process, *_ in self.running.values():
+            os.killpg(process.pid, signal.SIGTERM)
+
+    def _start(self, trial: Trial, slot: int) -> None:
+        from .checkpoint import checkpoints
+
+        trials = self.out / "trials"
+        config_path, run_dir = trials / f"{trial.name}.yaml", trials / trial.name
+        config_path.write_text(config_yaml_from(trial.config))
+        command = [*self.launcher, "train", str(config_path)]
+        if checkpoints(run_dir):
+            command.append("--resume")  # stopped part-way: continue from its newest checkpoint, exactly
+        elif run_dir.is_dir() and any(run_dir.iterdir()):
+            command.append("--overwrite")  # stopped before its first checkpoint: start it again
+        if self.jobs > 1 and command[:2] == ["accelerate", "launch"] and "--main_process_port" not in command:
+            command[2:2] = ["--main_process_port", str(_free_port())]  # concurrent trials, one rendezvous each
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[slot]
+        log = open(trials / f"{trial.name}.log", "a")  # noqa: SIM115 (closed when the trial settles)
+        start = log.tell()
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
+        self.running[slot] = (trial, process, time.time(), log, start)
+        self._progress(f"started {trial.name}")
+
+    def _settle(self, slot: int) -> None:
+        trial, process, started, log, start = self.running.pop(slot)
+        log.close()
+        wall = time.time() - started
+        record = read_record(self.out, trial.name)
+        record["attempts"] = record.get("attempts", 0) + 1
+        record["wall_s"] = round(record.get("wall_s", 0.0) + wall, 1)
+        record["returncode"] = process.returncode
+        record.setdefault("started", round(started, 1))
+        record["ended"] = round(time.time(), 1)
+        if (self.out / "trials" / trial.name / "summary.json").is_file():
+            record.update(status="finished", error=None)
+            self.durations.append(wall)
+            self.counts["finished"] += 1
+            what = f"finished {trial.name} in {wall:.0f} s"
+        elif self.stopping or process.returncode == 0:  # it saved a checkpoint and stopped on a signal
+            record.update(status="stopped", error=None)
+            what = f"stopped {trial.name}"
+        else:
+            with open(self.out / "trials" / f"{trial.name}.log") as f:
+                f.seek(start)
+                record.update(status="failed", error=_error_line(f.read(), process.returncode))
+            self.counts["failed"] += 1
+            what = f"FAILED {trial.name}: {record['error']} (log: {self.out / 'trials' / trial.name}.log)"
+        (self.out / "trials" / f"{trial.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+        self._progress(what)
+
+    def _progress(self, what: str) -> None:
+        done = self.counts["finished"] + self.counts["failed"]
+        left = self.todo - done - len(self.running)
+        eta = ""
+        if self.durations and not self.stopping:
+            seconds = sum(self.durations) / len(self.durations) * (left + len(self.running)) / self.jobs
+            eta = f"; ETA {seconds / 60:.0f} min" if seconds >= 60 else f"; ETA {seconds:.0f} s"
+        print(f"sweep: {what} | {self.counts['finished']}/{self.todo} done, {len(self.running)} running, "
+              f"{self.counts['failed']} failed, {left} waiting{eta}", file=sys.stderr, flush=True)
+
+
+def config_yaml_from(resolved: dict) -> str:
+    """A resolved config dict as the YAML `cppo train` reads."""
+    return yaml.safe_dump(resolved, sort_keys=False)
+
+
+def read_record(out: Path, name: str) -> dict:
+    path = out / "trials" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command.
+
+
+def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = False, dry_run: bool = False,
+              wandb: bool = False, create: bool = False) -> int:
+    from . import sweep_report
+
+    path = Path(path)
+    sweep = load_sweep(path)
+    if jobs is not None:
+        if jobs <= 0:
+            raise UserError(f"--jobs must be > 0, got {jobs}")
+        sweep.jobs = jobs
+    out = sweep_dir(sweep, path)
+    search = resolve(sweep, path, settings(sweep, path), sweep.seeds, "search")
+    if wandb:
+        return write_wandb(sweep, path, out, create)
+    if dry_run:
+        for trial in search:
+            print(f"{trial.name}: {' '.join(trial.overrides)}")
+        print(f"{len(search)} trial(s){' before the held-out seeds' if sweep.confirm_seeds else ''}; "
+              f"output in {out}", file=sys.stderr)
+        return 0
+    _check_not_stale(out, search)
+    if report_only:
+        if not out.is_dir():
+            raise UserError(f"no sweep results in {out}: run `cppo sweep {path}` first")
+        sweep_report.write(sweep, path, out, search, confirm_trials(sweep, path, out, search))
+        return 0
+    (out / "trials").mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `cppo sweep` is running in {out}; wait for it or stop it first") from None
+        shutil.copyfile(path, out / "sweep.yaml")
+        runner = Runner(sweep, out, sweep.jobs)
+        runner.run(search, lambda: sweep_report.write_jsonl(sweep, out, search))
+        confirm = [] if runner.stopping else confirm_trials(sweep, path, out, search)
+        _check_not_stale(out, confirm)
+        if confirm:
+            runner.run(confirm, lambda: sweep_report.write_jsonl(sweep, out, search + confirm))
+        summary = sweep_report.write(sweep, path, out, search, confirm)
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def confirm_trials(sweep: SweepConfig, path: Path, out: Path, search: list[Trial]) -> list[Trial]:
+    """Each confirmed variant's best setting (every seed finished; mean metric) on the held-out seeds."""
+    from .sweep_report import best_settings, collect
+
+    if not sweep.confirm_seeds:
+        return []
+    rows = collect(sweep, out, search)
+    confirmed = {v for v in _variants(sweep) if v is None or sweep.variants[v].confirm}
+    best = best_settings(sweep, [r for r in rows if r["variant"] in confirmed])
+    return resolve(sweep, path, [(variant, params) for variant, params in best.values()], sweep.confirm_seeds,
+                   "confirm")
+
+
+# ---------------------------------------------------------------------------------------------------
+# wandb: the same trials driven by `wandb agent`.
+
+
+def wandb_metric(name: str) -> str:
+    """The key a trial logs `name` under in wandb: the last step's stats as themselves (`reward/mean`),
+    the rest of summary.json as `summary/reward/final_average` (cppo.tracking.Tracker.log_summary)."""
+    if name.startswith("final_stats."):
+        return name.removeprefix("final_stats.")
+    return "summary/" + name.replace(".", "/") if "." in name else name
+
+
+def wandb_definitions(sweep: SweepConfig, path: Path, out: Path) -> dict[str, dict]:
+    """One wandb sweep definition per variant: the variant's overrides go into the command, its parameters
+    and the seeds into `parameters`; each run's output_dir is the native trial's."""
+    found = {}
+    for variant in _variants(sweep):
+        parameters = _parameters(sweep, variant, path)
+        conditional = [p.key for p in parameters if p.when]
+        if conditional:
+            raise UserError(f"--wandb: parameter '{conditional[0]}' has a condition (when), which a wandb sweep "
+                            "cannot express; use variants instead")
+        spec = {}
+        for p in parameters:
+            if p.values is not None:
+                spec[p.key] = {"values": list(p.values)}
+            else:
+                kind = {"log_uniform": "log_uniform_values"}.get(p.distribution, p.distribution)
+                spec[p.key] = {"distribution": kind, "min": p.low, "max": p.high}
+        if sweep.seeds:
+            spec["seed"] = {"values": list(sweep.seeds)}
+        where = f"output_dir={out / 'trials' / name_template(variant, [p.key for p in parameters])}"
+        base = yaml.safe_load(Path(sweep.base).read_text() or "{}")
+        group = [] if base.get("run_group") else [f"run_group={path.stem}"]
+        command = ["cppo", "train", sweep.base, *sweep.overrides, *group,
+                   *(sweep.variants[variant].overrides if variant else []), where, "report_to=[wandb]",
+                   "${args_no_hyphens}"]
+        name = f"{path.stem}-{variant}" if variant else path.stem
+        found[variant or path.stem] = {
+            "name": name, "method": sweep.method, "command": command, "parameters": spec,
+            "metric": {"name": wandb_metric(sweep.metric.name), "goal": sweep.metric.goal}}
+    return found
+
+
+def write_wandb(sweep: SweepConfig, path: Path, out: Path, create: bool) -> int:
+    definitions = wandb_definitions(sweep, path, out)
+    (out / "wandb").mkdir(parents=True, exist_ok=True)
+    project = load_config(sweep.base, list(sweep.overrides)).project
+    for name, definition in definitions.items():
+        target = out / "wandb" / f"{name}.yaml"
+        target.write_text(yaml.safe_dump(definition, sort_keys=False))
+        if create:
+            import wandb
+
+            sweep_id = wandb.sweep(sweep=definition, project=project)
+            print(f"created wandb sweep {definition['name']}: wandb agent {project}/{sweep_id}")
+        else:
+            print(f"wrote {target}: create it with `wandb sweep --project {project} {target}`")
+    if sweep.confirm_seeds:
+        print("note: wandb sweeps have no held-out stage; run `cppo sweep` for confirm_seeds", file=sys.stderr)
+    return 0
+
