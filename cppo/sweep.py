@@ -351,12 +351,14 @@ def _check_not_stale(out: Path, trials: list[Trial]) -> None:
 # Running trials, `jobs` at a time.
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the trial's process: SIGTERM it (it saves a checkpoint and stops) if the sweep process dies."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before that took effect
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -380,8 +382,8 @@ class Runner:
     """Runs trials as `cppo train` processes in `jobs` slots; SIGINT/SIGTERM stop it cleanly: running trials
     are asked to stop (they save a checkpoint), nothing new starts; a second SIGINT kills them."""
 
-    def __init__(self, sweep: SweepConfig, out: Path, jobs: int):
-        self.sweep, self.out, self.jobs = sweep, out, jobs
+    def __init__(self, sweep: SweepConfig, out: Path, jobs: int, lock: int):
+        self.sweep, self.out, self.jobs, self.lock = sweep, out, jobs, lock
         self.launcher = shlex.split(sweep.launcher) if sweep.launcher else [sys.executable, "-m", "cppo"]
         processes = _num_processes(sweep.launcher)
         self.threads = max(1, (os.cpu_count() or 1) // (jobs * processes))
@@ -463,8 +465,10 @@ class Runner:
         start = log.tell()
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
         log.flush()
+        # The trial holds the sweep's lock too: a sweep started again after this one died waits for it.
+        parent = os.getpid()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   pass_fds=(self.lock,), preexec_fn=lambda: _die_with_parent(parent))
         self.running[slot] = (trial, process, time.time(), log, start)
         self._progress(f"started {trial.name}")
 
@@ -544,16 +548,14 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
     if report_only:
         if not out.is_dir():
             raise UserError(f"no sweep results in {out}: run `cppo sweep {path}` first")
-        sweep_report.write(sweep, path, out, search, confirm_trials(sweep, path, out, search))
+        print(sweep_report.write(sweep, path, out, search, confirm_trials(sweep, path, out, search)),
+              file=sys.stderr)
         return 0
     (out / "trials").mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `cppo sweep` is running in {out}; wait for it or stop it first") from None
+    with open(out / ".lock", "a+") as lock:
+        _lock(lock, out)
         shutil.copyfile(path, out / "sweep.yaml")
-        runner = Runner(sweep, out, sweep.jobs)
+        runner = Runner(sweep, out, sweep.jobs, lock.fileno())
         runner.run(search, lambda: sweep_report.write_jsonl(sweep, out, search))
         confirm = [] if runner.stopping else confirm_trials(sweep, path, out, search)
         _check_not_stale(out, confirm)
@@ -562,6 +564,36 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
         summary = sweep_report.write(sweep, path, out, search, confirm)
     print(summary, file=sys.stderr)
     return 0
+
+
+def _lock(lock, out: Path) -> None:
+    """Hold `out/.lock` (its trials inherit it). Held by a live sweep: refused; held only by the trials of a
+    sweep that died: wait until they have saved their checkpoints and exited."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        if holder.isdigit() and _alive(int(holder)):
+            raise UserError(f"another `cppo sweep` (pid {holder}) is running in {out}; wait for it or stop it "
+                            "first") from None
+        print(f"sweep: waiting for the trials of an earlier sweep in {out} to save a checkpoint and exit",
+              file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def confirm_trials(sweep: SweepConfig, path: Path, out: Path, search: list[Trial]) -> list[Trial]:
