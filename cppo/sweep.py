@@ -413,8 +413,8 @@ class Runner:
 
     def run(self, trials: list[Trial], on_settled) -> None:
         queue = [t for t in trials if not (self.out / "trials" / t.name / "summary.json").is_file()]
-        total, self.started = len(trials), time.time()
-        self.todo = len(queue)
+        total, self.todo = len(trials), len(queue)
+        self.counts = {"finished": 0, "failed": 0}
         if not queue:
             return
         print(f"sweep: {total - len(queue)} of {total} trial(s) finished before; running {len(queue)}, "

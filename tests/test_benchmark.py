@@ -1,18 +1,23 @@
-"""scripts/benchmark_continual.py: run bookkeeping (names, configs, reuse, parallel runs) and statistics,
-with `cppo train` replaced by a stand-in that writes a run's outputs from its config."""
+"""scripts/benchmark_continual.py: the benchmark's protocol as a sweep (configs/sweeps/benchmark_continual.yaml)
+and its analysis of the sweep's results, with `cppo train` replaced by tests/sweep_fake_train.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PYTHON, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+from cppo.sweep import load_sweep, resolve, run_sweep, settings
+
+SWEEP = ROOT / "configs" / "sweeps" / "benchmark_continual.yaml"
+TUNED = ["cppo_heuristic", "cppo_balance", "cppo_learned", "cppo_alpha_one", "cppo_beta_one", "cppo_kr_rollout",
+         "l2", "ewc", "mas", "lwf"]
 
 
 @pytest.fixture(scope="module")
@@ -24,67 +29,55 @@ def bench():
 
 
 @pytest.fixture
-def artifacts(tmp_path):
-    return {"data": tmp_path / "data", "sft": tmp_path / "sft",
-            "rewards": {n: tmp_path / n for n in ("sky", "ledger", "forest", "reference")}}
+def benchmark_sweep(tmp_path):
+    """The shipped benchmark sweep on the toy two-task stream, run by the stand-in trainer."""
+    spec = yaml.safe_load(SWEEP.read_text())
+    spec.update(base=str(ROOT / "configs" / "continual_tiny.yaml"), output_dir=str(tmp_path / "sweep"),
+                launcher=f"{PYTHON} {ROOT / 'tests' / 'sweep_fake_train.py'}")
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
-def fake_train(calls: list):
-    """Writes summary.json and an eval matrix whose numbers depend on the config's seed and kr_coef."""
-
-    def run(command, **kwargs):
-        config_path = command[4]  # python -m cppo train CONFIG [--resume]
-        config = yaml.safe_load(Path(config_path).read_text())
-        calls.append((config_path, config["output_dir"], kwargs["env"].get("OMP_NUM_THREADS"), command[5:]))
-        out = Path(config["output_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        x = config["seed"] + config["cppo"]["kr_coef"]
-        S = [[0.0, 0.0, 0.0], [2.0, -1.0, 0.0], [1.0, 2.0, 0.0], [0.5, 1.0, 2.0 + x]]
-        (out / "eval_matrix.json").write_text(json.dumps({"scores": {"reward": S}}))
-        (out / "summary.json").write_text(json.dumps({"reward": {"final_average": x, "forgetting": 1.0}}))
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    return run
-
-
-def test_parallel_runs_with_dotted_labels_keep_their_own_config_and_directory(bench, artifacts, tmp_path,
-                                                                             monkeypatch):
-    calls = []
-    monkeypatch.setattr(bench.subprocess, "run", fake_train(calls))
-    specs = [("cppo_heuristic", bench.label("cppo_heuristic", v), seed, [f"cppo.kr_coef={v}"])
-             for v in (0.01, 0.03) for seed in (101, 102)]
-    summaries = bench.run_many(artifacts, tmp_path / "work", specs, steps=2, jobs=2)
-
-    assert len({config for config, _, _, _ in calls}) == 4  # one config file per run, even with dots in labels
-    directories = sorted(Path(out).name for _, out, _, _ in calls)
-    assert directories == sorted(f"{name}-seed{seed}" for _, name, seed, _ in specs)
-    assert {threads for _, _, threads, _ in calls} == {str(max(1, (bench.os.cpu_count() or 1) // 2))}
-    # summaries come back in the order of the specs, each from its own run
-    assert [s["reward"]["final_average"] for s in summaries] == pytest.approx([101.01, 102.01, 101.03, 102.03])
-    assert summaries[0]["reward"]["task1_gain_lost"] == pytest.approx(0.75)  # (2 − 0.5) / (2 − 0)
-
-    calls.clear()  # finished runs are reused, not run again
-    assert bench.run_many(artifacts, tmp_path / "work", specs, steps=2, jobs=2) == summaries
-    assert calls == []
+def test_the_protocol_tunes_every_method_on_the_tuning_seeds_from_a_grid_of_three(benchmark_sweep):
+    sweep = load_sweep(benchmark_sweep)
+    assert sweep.seeds == [101, 102] and sweep.confirm_seeds == [1, 2, 3, 4, 5]
+    trials = resolve(sweep, benchmark_sweep, settings(sweep, benchmark_sweep), sweep.seeds, "search")
+    per_variant = Counter(t.variant for t in trials)
+    assert all(per_variant[m] == 3 * 2 for m in TUNED)
+    assert per_variant["ppo"] == per_variant["cppo_beta_zero"] == per_variant["joint"] == 2
+    assert per_variant["ppo_lr"] == 2 * 2 and not sweep.variants["ppo_lr"].confirm
+    assert len(trials) == 70
+    balance = next(t for t in trials if t.name == "cppo_balance-kr_coef=0.03-seed101")
+    assert (balance.config["algo"], balance.config["cppo"]["weighting"], balance.config["cppo"]["kr_coef"],
+            balance.config["seed"]) == ("cppo", "balance", 0.03, 101)
+    ewc = next(t for t in trials if t.name == "ewc-reg_coef=1.0-seed102")
+    assert (ewc.config["algo"], ewc.config["continual"]["regularizer"], ewc.config["continual"]["reg_coef"]) == (
+        "ppo", "ewc", 1.0)
 
 
-def test_a_run_stopped_part_way_resumes_from_its_checkpoint(bench, artifacts, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(bench.subprocess, "run", fake_train(calls))
-    work = tmp_path / "work"
-    (work / "ppo-seed2" / "checkpoints" / "step_00000002").mkdir(parents=True)  # what a stopped run leaves
-    bench.run_once(artifacts, work, "ppo", "ppo", 1, 2, [])
-    bench.run_once(artifacts, work, "ppo", "ppo", 2, 2, [])
-    assert [extra for *_, extra in calls] == [[], ["--resume"]]
-
-
-def test_mean_ci_is_the_t_interval(bench):
-    mean, half = bench.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert math.isnan(bench.mean_ci([5.0])[1])
-
-
-def test_labels_name_the_method_and_its_coefficient(bench):
-    assert bench.label("ppo", None) == "ppo"
-    assert bench.label("lwf", 0.1) == "lwf-reg_coef0.1"
-    assert bench.label("cppo_learned", 0.03) == "cppo_learned-kr_coef0.03"
+def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, benchmark_sweep, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    assert run_sweep(benchmark_sweep, jobs=2) == 0
+    calls = (tmp_path / "calls.jsonl").read_text().splitlines()
+    assert len(calls) == 70 + 13 * 5  # every method but ppo_lr on the five reported seeds
+    out = tmp_path / "docs"
+    monkeypatch.setattr(sys, "argv", ["benchmark_continual.py", "--report", "--sweep", str(benchmark_sweep),
+                                      "--out", str(out)])
+    bench.main()
+    results = json.loads((out / "results.json").read_text())
+    chosen = results["meta"]["chosen"]
+    assert chosen["cppo_heuristic"] == 0.1 and chosen["l2"] == 1.0  # the stand-in's score grows with them
+    runs = results["results"]["cppo_heuristic"]["runs"]
+    assert [r["seed"] for r in runs] == [1, 2, 3, 4, 5]
+    assert runs[0]["reward"]["final_average"] == pytest.approx(1 + 10 * 0.1)
+    # S = [[0, 0], [2, −1], [1 − kr, 2]]: gain 2, lost 2 − (1 − kr) → (1 + kr) / 2
+    assert runs[0]["reward"]["task1_gain_lost"] == pytest.approx((1 + 0.1) / 2)
+    tuning = results["meta"]["tuning"]
+    assert "joint" not in tuning and "joint" in results["results"]  # no forgetting: reported, not on the plot
+    assert "ppo_lr" in tuning and "ppo_lr" not in results["results"]
+    assert tuning["cppo_heuristic"]["means"]["0.01"]["final_average"] == pytest.approx(101.5 + 0.1)
+    report = (out / "results.md").read_text()
+    assert "| cppo_heuristic | +4.000 ± 1.963 |" in report  # seeds 1..5 (mean 3) + 1; t(4) · s / √5 = 1.963
+    assert "| cppo_heuristic | cppo.kr_coef=0.1 |" in report and (out / "tradeoff.png").stat().st_size > 0
