@@ -7,7 +7,6 @@ import importlib.util
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml
@@ -81,3 +80,46 @@ def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, b
     report = (out / "results.md").read_text()
     assert "| cppo_heuristic | +4.000 ± 1.963 |" in report  # seeds 1..5 (mean 3) + 1; t(4) · s / √5 = 1.963
     assert "| cppo_heuristic | cppo.kr_coef=0.1 |" in report and (out / "tradeoff.png").stat().st_size > 0
+
+
+def test_the_sweep_runs_the_trials_of_the_committed_results(tmp_path, bench):
+    """docs/results/continual was measured by the runner the script had before sweeps: each run's config was
+    the demo's continual config with the method's overrides, its coefficient and its seed. The sweep's trials
+    are those configs (the tracker group and output_dir aside), for all 133 runs."""
+    from cppo.demo import continual_config
+
+    artifacts = {"data": tmp_path / "data", "sft": tmp_path / "sft",
+                 "rewards": {n: tmp_path / n for n in ("sky", "ledger", "forest", "reference")}}
+    base = tmp_path / "base.yaml"
+    bench.write_base(artifacts, base, 40)
+    spec = {**yaml.safe_load(SWEEP.read_text()), "base": str(base), "output_dir": str(tmp_path / "sweep")}
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = load_sweep(path)
+    trials = resolve(sweep, path, settings(sweep, path), sweep.seeds, "search")
+    chosen = json.loads((ROOT / "docs" / "results" / "continual" / "results.json").read_text())["meta"]["chosen"]
+    knobs = {t.variant: next(iter(t.params), None) for t in trials}
+    best = [(v, {knob: chosen[v]} if knob else {}) for v, knob in knobs.items() if sweep.variants[v].confirm]
+    trials += resolve(sweep, path, best, sweep.confirm_seeds, "confirm")
+    old_methods = {  # the earlier runner's table: method → overrides
+        "ppo": ["algo=ppo"], "cppo_heuristic": ["algo=cppo", "cppo.weighting=heuristic"],
+        "cppo_balance": ["algo=cppo", "cppo.weighting=balance"],
+        "cppo_learned": ["algo=cppo", "cppo.weighting=learned"],
+        "cppo_alpha_one": ["algo=cppo", "cppo.ablation=alpha_one"],
+        "cppo_beta_one": ["algo=cppo", "cppo.ablation=beta_one"],
+        "cppo_beta_zero": ["algo=cppo", "cppo.ablation=beta_zero"],
+        "cppo_kr_rollout": ["algo=cppo", "cppo.kr_anchor=rollout"],
+        "l2": ["algo=ppo", "continual.regularizer=l2"], "ewc": ["algo=ppo", "continual.regularizer=ewc"],
+        "mas": ["algo=ppo", "continual.regularizer=mas"], "lwf": ["algo=ppo", "continual.regularizer=lwf"],
+        "joint": ["algo=ppo", "continual.schedule=joint"], "ppo_lr": ["algo=ppo"]}
+    compared = 0
+    for trial in trials:
+        if trial.variant == "joint" and trial.stage == "search":
+            continue  # new: the joint run on the tuning seeds
+        knob = [f"{k}={v}" for k, v in trial.params.items()]
+        old = continual_config(artifacts, tmp_path / "old", "ppo", trial.seed, 40,
+                               [*old_methods[trial.variant], *knob]).to_dict()
+        new = {k: v for k, v in trial.config.items() if k not in ("output_dir", "run_group")}
+        assert new == {k: v for k, v in old.items() if k not in ("output_dir", "run_group")}, trial.name
+        compared += 1
+    assert compared == 133
