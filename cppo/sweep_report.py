@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -158,7 +160,8 @@ def write(sweep: SweepConfig, path: Path, out: Path, search: list[Trial], confir
              f"Sweep file `{path}` on base `{sweep.base}`: {sweep.method}, {n_settings} setting(s) × "
              f"{max(len(sweep.seeds), 1)} seed(s)"
              f"{f' + held-out seeds {sweep.confirm_seeds}' if sweep.confirm_seeds else ''}. "
-             f"Metric `{sweep.metric.name}` ({sweep.metric.goal}). cppo {__version__}.  ",
+             f"Metric `{sweep.metric.name}` ({sweep.metric.goal}). cppo {__version__}, python "
+             f"{platform.python_version()}, {platform.machine()} with {os.cpu_count()} CPUs.  ",
              f"Trials: {counts['finished']} finished, {counts['failed']} failed, "
              f"{counts['stopped'] + counts['pending']} not finished. Trial wall time {wall / 60:.1f} min in all{span}.",
              "", "Mean ± 95 % t-interval over the finished seeds (`seeds` column: finished / run)."]
