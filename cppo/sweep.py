@@ -322,7 +322,7 @@ def resolve(sweep: SweepConfig, path: Path, chosen: list[tuple[str | None, dict]
             mine = [*own, f"seed={seed}"] if seed is not None else own
             where = f"output_dir={out / 'trials' / name_template(variant, list(params))}"
             try:
-                config = load_config(sweep.base, [*sweep.overrides, *group, *mine, where],
+                config = load_config(sweep.base, [*group, *sweep.overrides, *mine, where],
                                      num_processes=_num_processes(sweep.launcher))
             except UserError as e:
                 what = " ".join([f"variant {variant}"] * bool(variant) + [*map(str, own)]) or "the base config"
@@ -365,6 +365,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _own_port(command: list[str]) -> list[str]:
+    """Trials running at once under `accelerate launch` or `torchrun` would all rendezvous on the default
+    port (29500): each gets a free one, unless the launcher names one."""
+    for i, word in enumerate(command[:-1]):
+        name = Path(word).name
+        if (name == "accelerate" and command[i + 1] == "launch") or word == "accelerate.commands.launch":
+            at, flag = i + 1 + (name == "accelerate"), "--main_process_port"
+        elif name == "torchrun" or word == "torch.distributed.run":
+            at, flag = i + 1, "--master_port"
+        else:
+            continue
+        if not any(w.startswith(flag) for w in command):
+            return [*command[:at], flag, str(_free_port()), *command[at:]]
+        break
+    return command
 
 
 def _error_line(output: str, returncode: int) -> str:
@@ -456,8 +473,8 @@ class Runner:
             command.append("--resume")  # stopped part-way: continue from its newest checkpoint, exactly
         elif run_dir.is_dir() and any(run_dir.iterdir()):
             command.append("--overwrite")  # stopped before its first checkpoint: start it again
-        if self.jobs > 1 and command[:2] == ["accelerate", "launch"] and "--main_process_port" not in command:
-            command[2:2] = ["--main_process_port", str(_free_port())]  # concurrent trials, one rendezvous each
+        if self.jobs > 1:
+            command = _own_port(command)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.devices[slot]
@@ -643,7 +660,7 @@ def wandb_definitions(sweep: SweepConfig, path: Path, out: Path) -> dict[str, di
         where = f"output_dir={out / 'trials' / name_template(variant, [p.key for p in parameters])}"
         base = yaml.safe_load(Path(sweep.base).read_text() or "{}")
         group = [] if base.get("run_group") else [f"run_group={path.stem}"]
-        command = ["cppo", "train", sweep.base, *sweep.overrides, *group,
+        command = ["cppo", "train", sweep.base, *group, *sweep.overrides,
                    *(sweep.variants[variant].overrides if variant else []), where, "report_to=[wandb]",
                    "${args_no_hyphens}"]
         name = f"{path.stem}-{variant}" if variant else path.stem

@@ -340,3 +340,22 @@ def test_a_sweep_killed_at_a_random_moment_and_run_again_ends_as_one_that_ran_st
     assert continued, "no trial was running when the sweep was killed"
     assert all(" --resume" in log or " --overwrite" in log for log in continued)
     print(f"killed after {moment:.1f} s of a {duration:.1f} s sweep", file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_trials_at_once_under_accelerate_launch_each_rendezvous_on_their_own_port(tmp_path):
+    accelerate = Path(PYTHON).parent / "accelerate"
+    path = sweep_file(tmp_path, base=str(ROOT / "configs" / "ppo_tiny.yaml"), jobs=2, seeds=[1, 2],
+                      launcher=f"{accelerate} launch --multi_gpu --num_processes 2 -m cppo",
+                      overrides=["ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+                                 "ppo.ppo_epochs=1", "generation.max_new_tokens=8"],
+                      metric={"name": "reward/mean"})
+    result = run_command(path)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "s-out" / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["finished", "finished"], [r["error"] for r in rows]
+    assert all(isinstance(r["metric"], float) for r in rows)  # metrics.jsonl's last line
+    for row in rows:
+        backend = json.loads((Path(row["output_dir"]) / "backend.json").read_text())
+        assert backend["processes"] == 2 and backend["backend"] == "ddp"
+        assert "--main_process_port" in (tmp_path / "s-out" / "trials" / f"{row['name']}.log").read_text()
