@@ -10,25 +10,20 @@ On disk, under the sweep's `output_dir`:
     trials/NAME.yaml         the trial's resolved training config     trials/NAME/   its output_dir
     trials/NAME.log          its output, every attempt                trials/NAME.json  status, error, wall time
     results.jsonl, results.md, metric.png, tradeoff.png (cppo/sweep_report.py)
+Trials are run by cppo/sweep_run.py.
 Running the same command again reuses finished trials, resumes stopped ones from their newest checkpoint and
 retries failed ones; `--report` rebuilds the results from what is on disk.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import random
 import re
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -296,7 +291,7 @@ def sweep_dir(sweep: SweepConfig, path: Path) -> Path:
     return Path(sweep.output_dir) if sweep.output_dir else Path("runs/sweeps") / path.stem
 
 
-def _num_processes(launcher: str | None) -> int:
+def num_processes(launcher: str | None) -> int:
     words = shlex.split(launcher or "")
     for i, word in enumerate(words):
         for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
@@ -323,7 +318,7 @@ def resolve(sweep: SweepConfig, path: Path, chosen: list[tuple[str | None, dict]
             where = f"output_dir={out / 'trials' / name_template(variant, list(params))}"
             try:
                 config = load_config(sweep.base, [*group, *sweep.overrides, *mine, where],
-                                     num_processes=_num_processes(sweep.launcher))
+                                     num_processes=num_processes(sweep.launcher))
             except UserError as e:
                 what = " ".join([f"variant {variant}"] * bool(variant) + [*map(str, own)]) or "the base config"
                 raise UserError(f"{path}: {what}: {e}") from None
@@ -348,202 +343,13 @@ def _check_not_stale(out: Path, trials: list[Trial]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Running trials, `jobs` at a time.
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the trial's process: SIGTERM it (it saves a checkpoint and stops) if the sweep process dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the sweep died before that took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _own_port(command: list[str]) -> list[str]:
-    """Trials running at once under `accelerate launch` or `torchrun` would all rendezvous on the default
-    port (29500): each gets a free one, unless the launcher names one."""
-    for i, word in enumerate(command[:-1]):
-        name = Path(word).name
-        if (name == "accelerate" and command[i + 1] == "launch") or word == "accelerate.commands.launch":
-            at, flag = i + 1 + (name == "accelerate"), "--main_process_port"
-        elif name == "torchrun" or word == "torch.distributed.run":
-            at, flag = i + 1, "--master_port"
-        else:
-            continue
-        if not any(w.startswith(flag) for w in command):
-            return [*command[:at], flag, str(_free_port()), *command[at:]]
-        break
-    return command
-
-
-def _error_line(output: str, returncode: int) -> str:
-    """The trial's own one-line error if it printed one, else what ended it."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    mine = [line for line in lines if line.startswith("cppo: error:")]
-    if mine:
-        return mine[-1]
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    return f"exit code {returncode}: {lines[-1] if lines else 'no output'}"
-
-
-class Runner:
-    """Runs trials as `cppo train` processes in `jobs` slots; SIGINT/SIGTERM stop it cleanly: running trials
-    are asked to stop (they save a checkpoint), nothing new starts; a second SIGINT kills them."""
-
-    def __init__(self, sweep: SweepConfig, out: Path, jobs: int, lock: int):
-        self.sweep, self.out, self.jobs, self.lock = sweep, out, jobs, lock
-        self.launcher = shlex.split(sweep.launcher) if sweep.launcher else [sys.executable, "-m", "cppo"]
-        processes = _num_processes(sweep.launcher)
-        self.threads = max(1, (os.cpu_count() or 1) // (jobs * processes))
-        self.devices = self._device_groups()
-        self.stopping = False
-        self.running: dict[int, tuple[Trial, subprocess.Popen, float, Any, int]] = {}
-        self.durations: list[float] = []
-        self.counts = {"finished": 0, "failed": 0}
-
-    def _device_groups(self) -> list[str] | None:
-        per = self.sweep.devices_per_trial
-        if per is None:
-            return None
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is None:
-            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True) if shutil.which(
-                "nvidia-smi") else None
-            if listing is None or listing.returncode != 0:
-                raise UserError("devices_per_trial: no GPUs found (set CUDA_VISIBLE_DEVICES or install nvidia-smi)")
-            visible = ",".join(str(i) for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU"))
-        ids = [d for d in visible.split(",") if d.strip()]
-        groups = [",".join(ids[i:i + per]) for i in range(0, len(ids) - per + 1, per)]
-        if len(groups) < self.jobs:
-            raise UserError(f"jobs must be <= {len(groups)} with devices_per_trial={per} and {len(ids)} visible "
-                            f"GPU(s), got {self.jobs}")
-        return groups
-
-    def run(self, trials: list[Trial], on_settled) -> None:
-        queue = [t for t in trials if not (self.out / "trials" / t.name / "summary.json").is_file()]
-        total, self.todo = len(trials), len(queue)
-        self.counts = {"finished": 0, "failed": 0}
-        if not queue:
-            return
-        print(f"sweep: {total - len(queue)} of {total} trial(s) finished before; running {len(queue)}, "
-              f"{self.jobs} at a time, {self.threads} thread(s) each", file=sys.stderr, flush=True)
-        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while self.running or (queue and not self.stopping):
-                for slot in range(self.jobs):
-                    if slot not in self.running and queue and not self.stopping:
-                        self._start(queue.pop(0), slot)
-                time.sleep(0.2)
-                for slot, (_, process, *_) in list(self.running.items()):
-                    if process.poll() is not None:
-                        self._settle(slot)
-                        on_settled()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _stop(self, signum, frame) -> None:
-        if self.stopping and signum == signal.SIGINT:  # asked twice: do not wait for checkpoints
-            for _, process, *_ in self.running.values():
-                os.killpg(process.pid, signal.SIGKILL)
-            return
-        self.stopping = True
-        print(f"sweep: stopping; {len(self.running)} running trial(s) save a checkpoint first "
-              "(run the same command again to finish)", file=sys.stderr, flush=True)
-        for _, process, *_ in self.running.values():
-            os.killpg(process.pid, signal.SIGTERM)
-
-    def _start(self, trial: Trial, slot: int) -> None:
-        from .checkpoint import checkpoints
-
-        trials = self.out / "trials"
-        config_path, run_dir = trials / f"{trial.name}.yaml", trials / trial.name
-        config_path.write_text(config_yaml_from(trial.config))
-        command = [*self.launcher, "train", str(config_path)]
-        if checkpoints(run_dir):
-            command.append("--resume")  # stopped part-way: continue from its newest checkpoint, exactly
-        elif run_dir.is_dir() and any(run_dir.iterdir()):
-            command.append("--overwrite")  # stopped before its first checkpoint: start it again
-        if self.jobs > 1:
-            command = _own_port(command)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
-        if self.devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.devices[slot]
-        log = open(trials / f"{trial.name}.log", "a")  # noqa: SIM115 (closed when the trial settles)
-        start = log.tell()
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-        log.flush()
-        # The trial holds the sweep's lock too: a sweep started again after this one died waits for it.
-        parent = os.getpid()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   pass_fds=(self.lock,), preexec_fn=lambda: _die_with_parent(parent))
-        self.running[slot] = (trial, process, time.time(), log, start)
-        self._progress(f"started {trial.name}")
-
-    def _settle(self, slot: int) -> None:
-        trial, process, started, log, start = self.running.pop(slot)
-        log.close()
-        wall = time.time() - started
-        record = read_record(self.out, trial.name)
-        record["attempts"] = record.get("attempts", 0) + 1
-        record["wall_s"] = round(record.get("wall_s", 0.0) + wall, 1)
-        record["returncode"] = process.returncode
-        record.setdefault("started", round(started, 1))
-        record["ended"] = round(time.time(), 1)
-        if (self.out / "trials" / trial.name / "summary.json").is_file():
-            record.update(status="finished", error=None)
-            self.durations.append(wall)
-            self.counts["finished"] += 1
-            what = f"finished {trial.name} in {wall:.0f} s"
-        elif self.stopping or process.returncode == 0:  # it saved a checkpoint and stopped on a signal
-            record.update(status="stopped", error=None)
-            what = f"stopped {trial.name}"
-        else:
-            with open(self.out / "trials" / f"{trial.name}.log") as f:
-                f.seek(start)
-                record.update(status="failed", error=_error_line(f.read(), process.returncode))
-            self.counts["failed"] += 1
-            what = f"FAILED {trial.name}: {record['error']} (log: {self.out / 'trials' / trial.name}.log)"
-        (self.out / "trials" / f"{trial.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-        self._progress(what)
-
-    def _progress(self, what: str) -> None:
-        done = self.counts["finished"] + self.counts["failed"]
-        left = self.todo - done - len(self.running)
-        eta = ""
-        if self.durations and not self.stopping:
-            seconds = sum(self.durations) / len(self.durations) * (left + len(self.running)) / self.jobs
-            eta = f"; ETA {seconds / 60:.0f} min" if seconds >= 60 else f"; ETA {seconds:.0f} s"
-        print(f"sweep: {what} | {self.counts['finished']}/{self.todo} done, {len(self.running)} running, "
-              f"{self.counts['failed']} failed, {left} waiting{eta}", file=sys.stderr, flush=True)
-
-
-def config_yaml_from(resolved: dict) -> str:
-    """A resolved config dict as the YAML `cppo train` reads."""
-    return yaml.safe_dump(resolved, sort_keys=False)
-
-
-def read_record(out: Path, name: str) -> dict:
-    path = out / "trials" / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-# ---------------------------------------------------------------------------------------------------
 # The command.
 
 
 def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = False, dry_run: bool = False,
               wandb: bool = False, create: bool = False) -> int:
     from . import sweep_report
+    from .sweep_run import Runner, hold_lock
 
     path = Path(path)
     sweep = load_sweep(path)
@@ -570,7 +376,7 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
         return 0
     (out / "trials").mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a+") as lock:
-        _lock(lock, out)
+        hold_lock(lock, out)
         shutil.copyfile(path, out / "sweep.yaml")
         runner = Runner(sweep, out, sweep.jobs, lock.fileno())
         runner.run(search, lambda: sweep_report.write_jsonl(sweep, out, search))
@@ -581,36 +387,6 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
         summary = sweep_report.write(sweep, path, out, search, confirm)
     print(summary, file=sys.stderr)
     return 0
-
-
-def _lock(lock, out: Path) -> None:
-    """Hold `out/.lock` (its trials inherit it). Held by a live sweep: refused; held only by the trials of a
-    sweep that died: wait until they have saved their checkpoints and exited."""
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        if holder.isdigit() and _alive(int(holder)):
-            raise UserError(f"another `cppo sweep` (pid {holder}) is running in {out}; wait for it or stop it "
-                            "first") from None
-        print(f"sweep: waiting for the trials of an earlier sweep in {out} to save a checkpoint and exit",
-              file=sys.stderr, flush=True)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def confirm_trials(sweep: SweepConfig, path: Path, out: Path, search: list[Trial]) -> list[Trial]:

@@ -11,7 +11,8 @@ import statistics
 import time
 from pathlib import Path
 
-from .sweep import SweepConfig, Trial, read_record
+from .sweep import SweepConfig, Trial
+from .sweep_run import read_record
 
 CONTINUAL = ("final_average", "forgetting", "bwt", "fwt", "plasticity")
 

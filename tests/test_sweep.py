@@ -195,6 +195,7 @@ def test_finished_trials_are_reused_and_a_failed_trial_does_not_stop_the_sweep(t
         {k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
     log.unlink()  # --report alone: nothing runs, the same results are rebuilt from disk
+    report = (out / "results.md").read_text()
     (out / "results.md").unlink()
     (out / "results.jsonl").unlink()
     assert main(["sweep", str(path), "--report"]) == 0
