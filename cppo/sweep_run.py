@@ -116,7 +116,7 @@ class Runner:
                 for slot in range(self.jobs):
                     if slot not in self.running and queue and not self.stopping:
                         self._start(queue.pop(0), slot)
-                time.sleep(0.2)
+                time.sleep(0.05)
                 for slot, (_, process, *_) in list(self.running.items()):
                     if process.poll() is not None:
                         self._settle(slot)
@@ -127,14 +127,20 @@ class Runner:
 
     def _stop(self, signum, frame) -> None:
         if self.stopping and signum == signal.SIGINT:  # asked twice: do not wait for checkpoints
-            for _, process, *_ in self.running.values():
-                os.killpg(process.pid, signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
             return
         self.stopping = True
         print(f"sweep: stopping; {len(self.running)} running trial(s) save a checkpoint first "
               "(run the same command again to finish)", file=sys.stderr, flush=True)
-        for _, process, *_ in self.running.values():
-            os.killpg(process.pid, signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, signum: int) -> None:
+        """To each running trial's whole process group (a launcher and its workers)."""
+        for _, process, *_ in list(self.running.values()):
+            try:
+                os.killpg(process.pid, signum)
+            except ProcessLookupError:  # it has just exited
+                pass
 
     def _start(self, trial: Trial, slot: int) -> None:
         from .checkpoint import checkpoints
@@ -161,6 +167,8 @@ class Runner:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                    pass_fds=(self.lock,), preexec_fn=lambda: _die_with_parent(parent))
         self.running[slot] = (trial, process, time.time(), log, start)
+        if self.stopping:  # the stop arrived while it was being started
+            self._signal_all(signal.SIGTERM)
         self._progress(f"started {trial.name}")
 
     def _settle(self, slot: int) -> None:
