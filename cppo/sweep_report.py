@@ -243,7 +243,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> bool:
     """Forgetting against plasticity, a point per setting (mean over seeds); continual runs only."""
     points = []
     for (variant, _), group in _groups(rows).items():
-        scores = [r["summary"]["reward"] for r in group if r["status"] == "finished"]
+        scores = [r["summary"].get("reward", {}) for r in group if r["status"] == "finished"]
         scores = [s for s in scores if isinstance(s.get("forgetting"), int | float)
                   and isinstance(s.get("plasticity"), int | float)]
         if scores:
