@@ -76,12 +76,14 @@ class Tracker:
 
     def log_summary(self, summary: dict) -> None:
         """The run's continual metrics (summary.json without the last step's stats, which are logged already)
-        into the trackers' run summary, as `summary/reward/final_average`: what a wandb sweep optimises."""
-        if not (self.enabled and "wandb" in self.config.report_to):
+        to the trackers as `summary/reward/final_average`, once, after the last step: the last value of a key
+        is its value in the wandb run summary, which is what a wandb sweep optimises."""
+        if not (self.enabled and self.config.report_to):
             return
         flat = _flatten({k: v for k, v in summary.items() if k != "final_stats"}, "summary.")
-        self.accelerator.get_tracker("wandb", unwrap=True).summary.update(
-            {key.replace(".", "/"): value for key, value in flat.items() if isinstance(value, int | float)})
+        values = {key.replace(".", "/"): value for key, value in flat.items() if isinstance(value, int | float)}
+        if values:
+            self.accelerator.log(values)
 
     def finish(self) -> None:
         """Close the trackers (main process) and the process group (every process)."""

@@ -360,3 +360,19 @@ def test_trials_at_once_under_accelerate_launch_each_rendezvous_on_their_own_por
         backend = json.loads((Path(row["output_dir"]) / "backend.json").read_text())
         assert backend["processes"] == 2 and backend["backend"] == "ddp"
         assert "--main_process_port" in (tmp_path / "s-out" / "trials" / f"{row['name']}.log").read_text()
+
+
+def test_a_trial_logs_to_the_sweeps_wandb_group_and_its_summary_metrics_to_the_wandb_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    assert main(["train", BASE, f"output_dir={out}", "tasks.0.steps=1", "tasks.1.steps=1", "report_to=[wandb]",
+                 "run_group=sweep-group-7", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4"]) == 0
+    [record] = (out / "wandb").glob("offline-run-*/run-*.wandb")  # wandb's own record file, protobuf
+    for _ in range(60):  # wandb's writer is a process of its own: its last records may land a moment later
+        data = record.read_bytes()
+        if b"exit_code" in data or b"summary/reward/final_average" in data:
+            break
+        time.sleep(0.5)
+    assert b"sweep-group-7" in data
+    assert b"eval/digits/reward" in data, "the evaluation, logged before the summary, is missing too"
+    assert b"summary/reward/final_average" in data and b"summary/reward/forgetting" in data
