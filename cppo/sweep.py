@@ -377,7 +377,8 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
     (out / "trials").mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a+") as lock:
         hold_lock(lock, out)
-        shutil.copyfile(path, out / "sweep.yaml")
+        if path.resolve() != (out / "sweep.yaml").resolve():  # `cppo sweep OUT/sweep.yaml` runs it again
+            shutil.copyfile(path, out / "sweep.yaml")
         runner = Runner(sweep, out, sweep.jobs, lock.fileno())
         runner.run(search, lambda: sweep_report.write_jsonl(sweep, out, search))
         confirm = [] if runner.stopping else confirm_trials(sweep, path, out, search)
