@@ -77,6 +77,7 @@ class PPOTrainer:
         self.nonfinite_skips = 0  # steps and updates dropped for a non-finite value in this stage
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self.step_in_stage = 0
+        self.last_stats: dict[str, float] = {}  # the stage's last step's stats (the run's summary takes them)
         if regularizer is not None:
             regularizer.task_start(self)
 
@@ -121,18 +122,18 @@ class PPOTrainer:
     def train(self, after_step=None) -> dict[str, float]:
         """Run the stage's remaining steps, then save its final policy and critic. `after_step(trainer)`
         is called after each logged step (the runner's checkpointing and preemption)."""
-        stats: dict[str, float] = {}
         stage = self.stage
         with self.tracker.progress(stage.steps, self.step_in_stage, stage.name) as progress:
             while self.step_in_stage < stage.steps:
-                stats = self.step()
+                self.last_stats = self.step()
                 self.step_in_stage += 1
-                self.tracker.log({"task": stage.name, "task_step": self.step_in_stage, **stats}, self.global_step)
-                progress.update(self.step_in_stage, stats)
+                self.tracker.log({"task": stage.name, "task_step": self.step_in_stage, **self.last_stats},
+                                 self.global_step)
+                progress.update(self.step_in_stage, self.last_stats)
                 if after_step is not None:
                     after_step(self)
         self.save_models(stage.output_dir)
-        return stats
+        return self.last_stats  # also when resumed after the last step: it comes with the checkpoint
 
     def close(self) -> None:
         """The stage is over (trained, evaluated, checkpointed): the back end lets go of its models."""
@@ -465,6 +466,7 @@ class PPOTrainer:
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         torch.save(rng_state(self.shuffle_generator), directory / f"rng_{acc.process_index}.pt")
         return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef, "nonfinite_skips": self.nonfinite_skips,
+                "last_stats": self.last_stats,
                 "score_moments": [m.state_dict() for m in self.score_moments],
                 "prompt_stream": {**self.prompt_stream.state_dict(), "task": self.stage.name,
                                   "fingerprint": self.stage.prompts.fingerprint()},
@@ -495,6 +497,7 @@ class PPOTrainer:
                     self.shuffle_generator)
         self.step_in_stage, self.kl_coef = state["step_in_stage"], state["kl_coef"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        self.last_stats = state.get("last_stats", {})
         for moments, saved in zip(self.score_moments, state["score_moments"], strict=True):
             moments.load_state_dict(saved)
         self.prompt_stream.load_state_dict(stream)

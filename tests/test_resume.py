@@ -43,6 +43,14 @@ def assert_identical(straight, resumed):
     assert steps_without_timing(straight) == steps_without_timing(resumed)
     assert json.loads((straight / "eval_matrix.json").read_text()) == json.loads(
         (resumed / "eval_matrix.json").read_text())
+    assert summary_without_timing(straight) == summary_without_timing(resumed)
+
+
+def summary_without_timing(out):
+    summary = json.loads((out / "summary.json").read_text())
+    summary["final_stats"] = {k: v for k, v in summary["final_stats"].items()
+                              if not k.startswith("time/") and k != "tokens_per_s"}
+    return summary
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +79,20 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, straight, failpoint):
     resumed = train(out, "--resume")
     assert "after digits" in resumed.stdout
     assert_identical(straight, out)
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_last_step_resumes_with_the_same_summary(tmp_path):
+    """The newest checkpoint is the last step's (save_steps divides it), the kill comes before the task-end
+    checkpoint: the resumed run has no step left to train, and its summary still holds the last step's stats."""
+    short = ["tasks.0.steps=2", "tasks.1.steps=2", "save_steps=2"]
+    straight_out, out = tmp_path / "straight", tmp_path / "run"
+    train(straight_out, *short)
+    killed = train(out, *short, env_extra={"CPPO_FAILPOINT": "task_end:digits"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    train(out, *short, "--resume")
+    assert summary_without_timing(out)["final_stats"], "the resumed run's summary lost the last step's stats"
+    assert summary_without_timing(out) == summary_without_timing(straight_out)
 
 
 @pytest.mark.slow
