@@ -474,19 +474,23 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 # Loading: YAML mapping + dotted `key=value` overrides -> typed, validated dataclasses.
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (`what` names it in the one-line errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {path} must hold a mapping of keys to values")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), num_processes: int = 1) -> Config:
     """Read `path` (YAML), apply `a.b=value` overrides (values parsed as YAML), build and validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {path} must hold a mapping of keys to values")
+    raw = read_yaml_mapping(path, "config file") if path is not None else {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:

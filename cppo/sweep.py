@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import UserError, config_differences, from_dict, load_config
+from .config import UserError, config_differences, from_dict, load_config, read_yaml_mapping
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 _NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -139,14 +139,7 @@ class Trial:
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"sweep file {path} must hold a mapping of keys to values")
+    raw = read_yaml_mapping(path, "sweep file")
     variants = raw.get("variants")
     if isinstance(variants, list):
         raise UserError(f"{path}: variants must map names to override sets (name: [key=value, ...]), got a list")
