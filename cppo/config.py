@@ -345,6 +345,9 @@ class CPPOConfig:
     """α/β per type: the paper's continuous Table 2, the step constants of the authors' code, or L_coef."""
     kr_coef: float = 1.0
     """Coefficient c_kr of the knowledge-retention term KR in the loss."""
+    kr_source: Literal["rollouts", "memory", "both"] = "rollouts"
+    """Where KR acts (SPEC §8): on the current rollouts (§5), on entries of the rollout memory of earlier tasks
+    (the `memory` section; D2 of the continual objective), or both."""
     kr_anchor: Literal["previous_task", "rollout"] = "previous_task"
     """Policy KR pulls toward: π_{t−1} frozen at the task's start (paper), or the rollout policy (authors' code)."""
     kl_reference: Literal["previous_task", "initial"] = "previous_task"
@@ -377,6 +380,37 @@ class CPPOConfig:
         _check(all(p in _ABLATIONS for p in parts) and len(set(parts)) == len(parts)
                and not ("none" in parts and len(parts) > 1) and not {"beta_one", "beta_zero"} <= set(parts),
                "cppo.ablation", self.ablation, f"one of {', '.join(_ABLATIONS)} or several joined by '+'")
+
+
+@dataclass
+class MemoryConfig:
+    """The rollout memory (SPEC §8), used with `algo: cppo` and `cppo.kr_source: memory | both`."""
+
+    capacity: int = 256
+    """Most entries (responses) held over all earlier tasks."""
+    build_prompts: int = 64
+    """Prompts of a task sampled at its end to build its entries (all of them if it has fewer)."""
+    build_samples: int = 4
+    """Responses sampled per build prompt from the task-end policy (rollout sampling settings)."""
+    select: Literal["all", "high_reward", "r1"] = "high_reward"
+    """Which built responses are kept: all, R ≥ μ_R + kσ_R of the build batch, or type r1 (high ℓ and high R)."""
+    update: Literal["balanced", "fifo"] = "balanced"
+    """When full: evict at random from the tasks holding more than an equal share, or the oldest entries first."""
+    batch_size: int = 8
+    """Entries retrieved each step; they enter every update's loss (split across processes and micro-batches)."""
+    retrieve: Literal["random", "similar"] = "random"
+    """Seeded random entries, or those whose prompts are nearest (TF-IDF over prompt tokens) to the batch's."""
+    weighting: Literal["uniform", "heuristic"] = "heuristic"
+    """β of an entry: 1, or CPPO's heuristic β of its type in its build batch."""
+    loss: Literal["kr", "sft"] = "kr"
+    """KR to the stored log-probs, or replay: maximise log π_θ of the stored responses (behaviour cloning)."""
+    kr_coef: float = 1.0
+    """Coefficient c_mem of the memory term in the loss."""
+
+    def validate(self) -> None:
+        for name in ("capacity", "build_prompts", "build_samples", "batch_size"):
+            _check(getattr(self, name) > 0, f"memory.{name}", getattr(self, name), "> 0")
+        _check(self.kr_coef >= 0, "memory.kr_coef", self.kr_coef, ">= 0")
 
 
 @dataclass
@@ -414,6 +448,12 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     cppo: CPPOConfig = field(default_factory=CPPOConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the run builds and retrieves a rollout memory (SPEC §8)."""
+        return self.algo == "cppo" and self.cppo.kr_source != "rollouts"
 
     def validate(self, num_processes: int = 1) -> Config:
         for name in ("report_to",):
@@ -440,6 +480,12 @@ class Config:
         self.generation.validate()
         self.ppo.validate(num_processes)
         self.cppo.validate()
+        self.memory.validate()
+        if self.cppo.kr_source != "rollouts":
+            _check(self.algo == "cppo", "cppo.kr_source", self.cppo.kr_source,
+                   "rollouts with algo: ppo (PPO with memory is algo: cppo with cppo.ablation: alpha_one)")
+            _check(self.continual.schedule == "sequential", "cppo.kr_source", self.cppo.kr_source,
+                   "rollouts with continual.schedule: joint (no earlier task to remember)")
         if self.model.value_init == "reward_model" and self.model.value_model is None:
             first = self.tasks[0].reward
             _check(first.model is not None, "model.value_init", self.model.value_init,

@@ -24,6 +24,8 @@ from accelerate.utils import gather_object
 from .checkpoint import STATE, CheckpointWriter, failpoint, prune, read_state, resolve_resume
 from .config import Config, UserError, config_differences
 from .data import PromptSet, build_prompt_set, left_pad
+from .memory import RolloutMemory
+from .memory import build as build_memory
 from .metrics import summarize
 from .models import checkpoint_generation_config, load_frozen
 from .outputs import OutputDir, replace_text, writing
@@ -203,8 +205,10 @@ class Checkpointer:
     current step finishes first). Holds what the trainer does not: the evaluation matrix, the
     regulariser, the position in the task sequence."""
 
-    def __init__(self, session: Session, matrix: EvalMatrix, regularizer, run_id: str):
+    def __init__(self, session: Session, matrix: EvalMatrix, regularizer, run_id: str,
+                 memory: RolloutMemory | None = None):
         self.session, self.matrix, self.regularizer, self.run_id = session, matrix, regularizer, run_id
+        self.memory = memory
         self.stage_index = 0
         self.final_stats: dict = {}
         self.stop_requested = False  # set by SIGTERM / SIGINT
@@ -252,6 +256,8 @@ class Checkpointer:
             if acc.is_main_process:
                 if self.regularizer is not None:
                     torch.save(self.regularizer.state_dict(), directory / "regularizer.pt")
+                if self.memory is not None:  # its entries, and its generator's place (it moves every step)
+                    torch.save(self.memory.state_dict(), directory / "memory.pt")
                 (directory / STATE).write_text(json.dumps(state, indent=1))
         if acc.is_main_process:
             prune(config.output_dir, config.save_total_limit)
@@ -290,12 +296,15 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
     # A run started by `wandb agent` must log under the id the sweep gave it, or the sweep never sees it.
     run_id = state["run_id"] if state else os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
     session.tracker.resume(run_id, state["global_step"] if state else None)
-    checkpointer = Checkpointer(session, matrix, regularizer, run_id)
+    memory = RolloutMemory(config.memory, config.seed) if config.uses_memory else None
+    checkpointer = Checkpointer(session, matrix, regularizer, run_id, memory)
     if state is not None:
         matrix.row_names, matrix.rows = state["matrix"]["row_names"], state["matrix"]["rows"]
         checkpointer.final_stats = state["final_stats"]
         if regularizer is not None and (checkpoint / "regularizer.pt").is_file():
             regularizer.load_state_dict(torch.load(checkpoint / "regularizer.pt", weights_only=False))
+        if memory is not None:
+            memory.load_state_dict(torch.load(checkpoint / "memory.pt", weights_only=False))
     elif evaluator.sets:
         initial = load_frozen("AutoModelForCausalLM", session.initial_policy, config.model,
                               session.tokenizer.pad_token_id)
@@ -310,12 +319,14 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
                 if state is not None and (index < state["stage_index"] or
                                           (index == state["stage_index"] and state["stage_complete"])):
                     continue  # trained before the checkpoint
-                trainer = trainer_class(config)(session, stage, regularizer)
+                trainer = trainer_class(config)(session, stage, regularizer, memory)
                 if state is not None and index == state["stage_index"]:
                     trainer.load_state(checkpoint, state["trainer"], force)
                 checkpointer.final_stats = trainer.train(checkpointer.after_step)
                 if regularizer is not None:
                     regularizer.task_end(trainer)
+                if memory is not None and index + 1 < len(config.tasks):
+                    remember(trainer, memory, index)
                 if evaluator.sets:
                     with session.backend.whole(trainer.model) as model:
                         matrix.append(f"after {stage.name}", evaluator.evaluate(model.policy))
@@ -343,6 +354,26 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
     acc.wait_for_everyone()
     session.tracker.finish()
     return summary
+
+
+def remember(trainer: PPOTrainer, memory: RolloutMemory, task_index: int) -> None:
+    """SPEC §8 build and update at the end of a task that another follows; the memory is written beside the
+    task's models (memory.jsonl) and its sizes go to the trackers."""
+    session, config = trainer.session, trainer.config
+    entries, stats = build_memory(trainer, task_index, config.memory, config.cppo, config.seed)
+    stats["memory/evicted"] = float(memory.add(entries))
+    names = [t.name for t in config.tasks]
+    stats["memory/size"] = float(len(memory))
+    stats.update({f"memory/size/{names[task]}": float(n) for task, n in memory.task_counts().items()})
+    session.output.claim()
+    if session.accelerator.is_main_process:
+        path = trainer.stage.output_dir / "memory.jsonl"
+        with writing(path, "the rollout memory"):
+            memory.write_jsonl(path, session.tokenizer, names)
+        print(f"cppo: memory after {trainer.stage.name!r}: kept {stats['memory/kept']:.0f} of "
+              f"{stats['memory/built']:.0f} responses in {stats['memory/build_s']:.1f} s; holds "
+              + ", ".join(f"{names[t]} {n}" for t, n in memory.task_counts().items()), file=sys.stderr, flush=True)
+    session.tracker.log_extra(stats, trainer.global_step)
 
 
 def _check_resumable(state: dict, config: Config, checkpoint: Path, force: bool) -> None:
@@ -374,7 +405,8 @@ def stages(session: Session, prompt_sets: list[PromptSet]):
             policy = str(previous / "policy")
             reference = session.initial_policy if config.algo == "cppo" and \
                 config.cppo.kl_reference == "initial" else policy
-            needs_anchor = (config.algo == "cppo" and config.cppo.kr_anchor == "previous_task") or \
+            needs_anchor = (config.algo == "cppo" and config.cppo.kr_anchor == "previous_task"
+                            and config.cppo.kr_source != "memory") or \
                 config.continual.regularizer == "lwf"
             stage = Stage(name=task.name, prompts=prompt_sets[index],
                           reward_configs=[t.reward for t in tasks], steps=task.budget(config.ppo), policy=policy,

@@ -346,14 +346,17 @@ class ActorCritic(nn.Module):
         self._no_split_modules = list(dict.fromkeys(
             name for model in (policy, value_model) for name in (getattr(model, "_no_split_modules", None) or [])))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                value_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits predicting each response token and the critic's value before it.
 
-        input_ids: (B, P + R) prompt then response -> logits (B, R, V), values (B, R).
+        input_ids: (B, P + R) prompt then response -> logits (B, R, V), values (value_rows or B, R). Rows past
+        `value_rows` (rollout memory entries) need no value: the critic skips them.
         """
         logits = policy_response_logits(self.policy, input_ids, attention_mask, response_length)
-        values = token_scalars(self.value_model, input_ids, attention_mask, keep=response_length + 1)[:, :-1]
+        rows = slice(None) if value_rows is None else slice(0, value_rows)
+        values = token_scalars(self.value_model, input_ids[rows], attention_mask[rows],
+                               keep=response_length + 1)[:, :-1]
         return logits, values
 
 

@@ -63,6 +63,47 @@ class Rollout:
         return replace(self, **{f.name: take(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
+@dataclass
+class Sampled:
+    """Responses sampled from a policy for B prompts, with their log-probs and entropies under it."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) right-padded
+    response_mask: torch.Tensor  # (B, R)
+    stopped: torch.Tensor  # (B,) bool
+    logprobs: torch.Tensor  # (B, R) at the rollout temperature
+    entropy: torch.Tensor  # (B, R)
+    task: torch.Tensor  # (B,) task index of each prompt
+    generate_s: float  # seconds spent in generation
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+def stack_sequences(*parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of several batches with `prompt_ids`, `prompt_mask`, `response_ids` and `response_mask` (a
+    `Rollout`, a memory batch) as one: prompts left-padded and responses right-padded to the widest.
+    Returns (input_ids, attention_mask, response_ids); the padding is masked, so each row's outputs at its
+    own positions are those of its own batch."""
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    response_width = max(p.response_ids.shape[1] for p in parts)
+    ids, masks, responses = [], [], []
+    for p in parts:
+        left, right = prompt_width - p.prompt_ids.shape[1], response_width - p.response_ids.shape[1]
+        response = nn.functional.pad(p.response_ids, (0, right))
+        ids.append(torch.cat([nn.functional.pad(p.prompt_ids, (left, 0)), response], 1))
+        masks.append(torch.cat([nn.functional.pad(p.prompt_mask, (left, 0)),
+                                nn.functional.pad(p.response_mask, (0, right))], 1))
+        responses.append(response)
+    return torch.cat(ids), torch.cat(masks), torch.cat(responses)
+
+
 def make_generation_config(stop_token_ids: list[int], pad_token_id: int, **sampling):
     """A transformers GenerationConfig that stops exactly at `stop_token_ids`, and only there.
 

@@ -68,6 +68,11 @@ class Tracker:
         if self.config.report_to:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
 
+    def log_extra(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics of something other than a training step (the rollout memory's build), to the trackers only."""
+        if self.enabled and self.config.report_to:
+            self.accelerator.log(metrics, step=step)
+
     def log_evaluation(self, results: dict[str, dict], step: int) -> None:
         """One row of the evaluation matrix, to the trackers (metrics.jsonl holds training steps only)."""
         if self.enabled and self.config.report_to:

@@ -21,10 +21,19 @@ from . import core
 from .checkpoint import failpoint, restore_rng, rng_state
 from .config import Config, UserError
 from .data import PromptStream, left_pad
+from .memory import MemoryBatch, RolloutMemory, memory_denominator, retention_loss
 from .models import ActorCritic, checkpoint_generation_config, load_frozen, load_policy, load_value_model
 from .outputs import writing
 from .rewards import RunningMoments, process_scores
-from .rollout import Rollout, generate, make_generation_config, response_logprobs, response_values
+from .rollout import (
+    Rollout,
+    Sampled,
+    generate,
+    make_generation_config,
+    response_logprobs,
+    response_values,
+    stack_sequences,
+)
 from .session import Session, Stage
 from .weighting import apply_ablation, batch_stats, heuristic_weights, learned_weights
 
@@ -38,8 +47,9 @@ class PPOTrainer:
     `regularizer` (cppo.regularizers) adds its penalty as one more term.
     """
 
-    def __init__(self, session: Session, stage: Stage, regularizer=None):
-        self.session, self.stage, self.regularizer = session, stage, regularizer
+    def __init__(self, session: Session, stage: Stage, regularizer=None, memory: RolloutMemory | None = None):
+        self.session, self.stage, self.regularizer, self.memory = session, stage, regularizer, memory
+        self.memory_batch: MemoryBatch | None = None  # the step's retrieved memory entries (prepare_losses)
         self.backend = session.backend
         self.config = config = session.config
         self.accelerator = session.accelerator
@@ -181,26 +191,14 @@ class PPOTrainer:
         """Generate this process's share of the next prompt batch and score it."""
         pcfg, gcfg = self.config.ppo, self.config.generation
         acc = self.accelerator
-        prompts = self.stage.prompts
         indices = self.prompt_stream.next_indices(pcfg.rollout_batch_size, acc.process_index, acc.num_processes)
-        prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
-        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        local = len(indices)
-        chunk = pcfg.forward_batch_size or local
+        chunk = pcfg.forward_batch_size or len(indices)
         temperature = gcfg.temperature
         with self.backend.whole(self.model) as model:
             model.eval()
-            started = time.perf_counter()
+            sampled = self.sample(model.policy, indices)
+            input_ids, attention_mask, responses = sampled.input_ids, sampled.attention_mask, sampled.response_ids
             with acc.autocast():
-                responses, response_mask, stopped = generate(
-                    model.policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
-                    self.tokenizer.pad_token_id, gcfg.batch_size or local)
-            generate_s = time.perf_counter() - started
-            input_ids = torch.cat([prompt_ids, responses], 1)
-            attention_mask = torch.cat([prompt_mask, response_mask], 1)
-            with acc.autocast():
-                old_logprobs, entropy = response_logprobs(model.policy, input_ids, attention_mask, responses,
-                                                          temperature, chunk, with_entropy=True)
                 with self.reference_policy() as ref:
                     ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature, chunk)
                 old_values = response_values(model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
@@ -209,25 +207,52 @@ class PPOTrainer:
                     anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
                                                            temperature, chunk)
             model.train()
+        batch = Rollout(prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=responses,
+                        response_mask=sampled.response_mask, stopped=sampled.stopped,
+                        old_logprobs=sampled.logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
+                        entropy=sampled.entropy, raw_scores=self.score(indices, sampled), task=sampled.task,
+                        anchor_logprobs=anchor_logprobs)
+        return batch, sampled.generate_s
+
+    def sample(self, policy, indices: list[int]) -> Sampled:
+        """Responses to the stage's prompts `indices` from `policy` (in eval mode, inside `backend.whole`) with
+        the rollout sampling settings, and their log-probs and entropies under it."""
+        pcfg, gcfg, acc = self.config.ppo, self.config.generation, self.accelerator
+        prompts = self.stage.prompts
+        prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        started = time.perf_counter()
+        with acc.autocast():
+            responses, response_mask, stopped = generate(
+                policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
+                self.tokenizer.pad_token_id, gcfg.batch_size or len(indices))
+        generate_s = time.perf_counter() - started
+        input_ids = torch.cat([prompt_ids, responses], 1)
+        attention_mask = torch.cat([prompt_mask, response_mask], 1)
+        with acc.autocast():
+            logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, responses, gcfg.temperature,
+                                                  pcfg.forward_batch_size or len(indices), with_entropy=True)
         task = torch.tensor([prompts.task[i] for i in indices], device=self.device)
-        texts = [prompts.texts[i] for i in indices]
-        completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        raw_scores = torch.zeros(local, device=self.device)
+        return Sampled(prompt_ids, prompt_mask, responses, response_mask, stopped, logprobs, entropy, task, generate_s)
+
+    def score(self, indices: list[int], sampled: Sampled) -> torch.Tensor:
+        """Raw scores of sampled responses, each by its own task's reward (B,); a failure in the user's
+        reward code stops every process together."""
+        texts = [self.stage.prompts.texts[i] for i in indices]
+        completions = self.tokenizer.batch_decode(sampled.response_ids, skip_special_tokens=True)
+        raw_scores = torch.zeros(len(indices), device=self.device)
         failure = None
         try:
-            for j in task.unique().tolist():  # each prompt is scored by its own task's reward
-                rows = (task == j).nonzero().flatten()
+            for j in sampled.task.unique().tolist():  # each prompt is scored by its own task's reward
+                rows = (sampled.task == j).nonzero().flatten()
                 picked = rows.tolist()
                 raw_scores[rows] = self.rewards[j]([texts[i] for i in picked], [completions[i] for i in picked],
-                                                   input_ids[rows], attention_mask[rows]).to(self.device)
+                                                   sampled.input_ids[rows], sampled.attention_mask[rows]
+                                                   ).to(self.device)
         except UserError as e:  # the user's reward code failed on this process's share
             failure = e
         self.session.fail_together(failure)
-        batch = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=responses,
-                        response_mask=response_mask, stopped=stopped, old_logprobs=old_logprobs,
-                        ref_logprobs=ref_logprobs, old_values=old_values, entropy=entropy, raw_scores=raw_scores,
-                        task=task, anchor_logprobs=anchor_logprobs)
-        return batch, generate_s
+        return raw_scores
 
     @contextlib.contextmanager
     def previous_policy(self):
@@ -314,6 +339,7 @@ class PPOTrainer:
         pcfg, acc = self.config.ppo, self.accelerator
         local_mini = pcfg.mini_batch_size // acc.num_processes
         local_micro = local_mini // pcfg.gradient_accumulation_steps
+        memory_parts = self.memory_parts(pcfg.gradient_accumulation_steps)
         sums: dict[str, torch.Tensor] = {}  # summed over applied updates, kept on device
         updates = skipped = 0
         self.model.train()
@@ -327,7 +353,7 @@ class PPOTrainer:
                     last = i == len(micro_batches) - 1
                     with self.backend.no_sync(self.model, last):
                         loss, stats = self.micro_batch_loss(batch.select(rows.to(batch.response_ids.device)),
-                                                            denominators, last)
+                                                            denominators, last, memory_parts[i])
                         self.backend.backward(self.model, loss)
                     stats["loss/total"] = loss.detach()
                     for key, value in stats.items():
@@ -433,19 +459,46 @@ class PPOTrainer:
             local = self.accelerator.reduce(local, reduction="sum") / self.accelerator.num_processes
         return dict(zip(names, local, strict=True))
 
-    def micro_batch_loss(self, mb: Rollout, denominators: dict[str, torch.Tensor],
-                         last_micro: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This micro-batch's part of the mini-batch loss PG + c_vf·VF + extra terms, and its stats."""
-        pcfg = self.config.ppo
+    def memory_parts(self, micro_batches: int) -> list[tuple[MemoryBatch, torch.Tensor] | None]:
+        """This process's part of the step's memory batch, split over the micro-batches of an update, each with
+        the memory term's denominator (the whole memory batch's, ÷ processes like `loss_denominators`)."""
+        if self.memory is None:
+            return [None] * micro_batches
+        if self.memory_batch is None:  # nothing remembered yet (the first task): the term is 0
+            return [(None, torch.ones((), device=self.device))] * micro_batches
+        acc = self.accelerator
+        denominator = memory_denominator(self.memory_batch, self.config.memory.loss) / acc.num_processes
+        mine = self.memory_batch.parts(acc.num_processes)[acc.process_index]
+        return [(part, denominator) for part in mine.parts(micro_batches)]
+
+    def micro_batch_loss(self, mb: Rollout, denominators: dict[str, torch.Tensor], last_micro: bool = True,
+                         memory: tuple[MemoryBatch | None, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's part of the mini-batch loss PG + c_vf·VF + extra terms, and its stats. `memory`
+        (entries, denominator): rollout memory entries that go through the same forward (SPEC §8)."""
+        pcfg, temperature = self.config.ppo, self.config.generation.temperature
+        rows, width = mb.response_ids.shape
+        entries = memory[0] if memory is not None and memory[0] is not None and len(memory[0]) else None
+        if entries is None:
+            input_ids, attention_mask, response_ids = mb.input_ids, mb.attention_mask, mb.response_ids
+        else:  # one forward for the rollouts and the memory entries: one pass of every back end's hooks
+            input_ids, attention_mask, response_ids = stack_sequences(mb, entries)
         with self.accelerator.autocast():
-            logits, values = self.model(mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-        logprobs = core.logprobs_from_logits(logits, mb.response_ids, self.config.generation.temperature)
+            logits, values = self.model(input_ids, attention_mask, response_ids.shape[1], value_rows=rows)
+        every_logprob = core.logprobs_from_logits(logits, response_ids, temperature)
+        logits, values, logprobs = logits[:rows, :width], values[:, :width], every_logprob[:rows, :width]
         mask = mb.response_mask
         pg, pg_stats = core.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, pcfg.clip,
                                         mb.loss_weights["policy"], denominators["policy"])
         vf, vf_stats = core.value_loss(values, mb.old_values, mb.returns, mask, pcfg.value_clip,
                                        mb.loss_weights["value"], denominators["value"])
         terms = {"policy": (1.0, pg), "value": (pcfg.vf_coef, vf), **self.extra_losses(mb, logprobs, denominators)}
+        if memory is not None:
+            mcfg = self.config.memory
+            term = torch.zeros((), device=logprobs.device) if entries is None else retention_loss(
+                every_logprob[rows:, :entries.response_ids.shape[1]], entries.logprobs, entries.response_mask,
+                entries.beta, memory[1], mcfg.loss)
+            terms["memory"] = (mcfg.kr_coef, term)
         if self.regularizer is not None:
             terms["reg"] = (self.config.continual.reg_coef,
                             self.regularizer.penalty(self, mb, logits, denominators["tokens"], last_micro))
@@ -582,18 +635,46 @@ class CPPOTrainer(PPOTrainer):
                                                    ccfg.weighting)
         alpha, beta = apply_ablation(alpha.to(self.device), beta.to(self.device), ccfg.ablation)
         local_alpha, local_beta = self.local_rows(alpha, batch.scores), self.local_rows(beta, batch.scores)
-        batch.loss_weights = {"policy": local_alpha, "value": local_alpha if ccfg.alpha_weights_value_loss else None,
-                              "kr": local_beta}
-        if ccfg.kr_anchor == "rollout":
-            batch.anchor_logprobs = batch.old_logprobs
-        elif batch.anchor_logprobs is None:  # π_{t−1} is the KL reference: reuse its log-probs
-            batch.anchor_logprobs = batch.ref_logprobs
+        batch.loss_weights = {"policy": local_alpha, "value": local_alpha if ccfg.alpha_weights_value_loss else None}
+        if ccfg.kr_source != "memory":
+            batch.loss_weights["kr"] = local_beta
+            if ccfg.kr_anchor == "rollout":
+                batch.anchor_logprobs = batch.old_logprobs
+            elif batch.anchor_logprobs is None:  # π_{t−1} is the KL reference: reuse its log-probs
+                batch.anchor_logprobs = batch.ref_logprobs
         self.kr_active = bool(beta.any())  # the same on every process: β is the global batch's
-        return self.weight_stats(every_logprob, every_reward, alpha, beta, types)
+        stats = self.weight_stats(every_logprob, every_reward, alpha, beta, types)
+        if self.memory is not None:
+            stats.update(self.retrieve_memory(batch))
+        return stats
+
+    def retrieve_memory(self, batch: Rollout) -> dict[str, float]:
+        """The step's memory batch (SPEC §8 retrieve): the same entries on every process, keyed by the global
+        batch's prompts for `retrieve: similar`. Returns what the memory holds and what was drawn, per task."""
+        started = time.perf_counter()
+        mcfg, memory, names = self.config.memory, self.memory, [t.name for t in self.config.tasks]
+        self.memory_batch = None
+        stats = {"memory/size": float(len(memory))}
+        stats.update({f"memory/size/{names[task]}": float(n) for task, n in memory.task_counts().items()})
+        if not len(memory):
+            return stats
+        query = None
+        if mcfg.retrieve == "similar":
+            ids, mask = self.gather_rows(batch.prompt_ids), self.gather_rows(batch.prompt_mask)
+            query = [row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)]
+        self.memory_batch = memory.batch(memory.retrieve(mcfg.batch_size, query), self.tokenizer.pad_token_id,
+                                         self.device)
+        drawn = torch.bincount(self.memory_batch.task.cpu(), minlength=len(names))
+        stats.update({f"memory/retrieved/{names[task]}": float(drawn[task]) for task in memory.task_counts()})
+        stats["memory/tokens"] = float(self.memory_batch.response_mask.sum())
+        stats["time/memory_retrieve_s"] = time.perf_counter() - started
+        return stats
 
     def extra_losses(self, batch: Rollout, logprobs: torch.Tensor,
                      denominators: dict[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
         kr_coef = self.config.cppo.kr_coef
+        if "kr" not in batch.loss_weights:  # kr_source: memory (the memory term is added by the loop)
+            return {}
         if not self.kr_active:  # β ≡ 0 over the batch: KR is 0 (SPEC §5), skip its arithmetic
             return {"kr": (kr_coef, torch.zeros((), device=logprobs.device))}
         squared = (logprobs - batch.anchor_logprobs) ** 2
