@@ -392,8 +392,9 @@ class MemoryConfig:
     """Prompts of a task sampled at its end to build its entries (all of them if it has fewer)."""
     build_samples: int = 4
     """Responses sampled per build prompt from the task-end policy (rollout sampling settings)."""
-    select: Literal["all", "high_reward", "r1"] = "high_reward"
-    """Which built responses are kept: all, R ≥ μ_R + kσ_R of the build batch, or type r1 (high ℓ and high R)."""
+    select: Literal["all", "high_reward", "r1"] = "all"
+    """Which built responses are kept: all, R ≥ μ_R + kσ_R of the build batch (D2), or type r1 (high ℓ and high R).
+    A task-end policy's rewards crowd below their maximum, so μ_R + kσ_R can lie above every one of them."""
     update: Literal["balanced", "fifo"] = "balanced"
     """When full: evict at random from the tasks holding more than an equal share, or the oldest entries first."""
     batch_size: int = 8

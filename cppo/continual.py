@@ -373,6 +373,11 @@ def remember(trainer: PPOTrainer, memory: RolloutMemory, task_index: int) -> Non
         print(f"cppo: memory after {trainer.stage.name!r}: kept {stats['memory/kept']:.0f} of "
               f"{stats['memory/built']:.0f} responses in {stats['memory/build_s']:.1f} s; holds "
               + ", ".join(f"{names[t]} {n}" for t, n in memory.task_counts().items()), file=sys.stderr, flush=True)
+        if not entries:
+            print(f"cppo: warning: the memory keeps nothing of task {trainer.stage.name!r}: no response passed "
+                  f"memory.select: {config.memory.select} (mean reward {stats['memory/build_reward_mean']:.4g}; "
+                  "rewards near their maximum leave nothing above μ_R + kσ_R); select: all keeps every response",
+                  file=sys.stderr, flush=True)
     session.tracker.log_extra(stats, trainer.global_step)
 
 

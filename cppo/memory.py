@@ -101,14 +101,15 @@ def memory_denominator(batch: MemoryBatch, kind: str) -> torch.Tensor:
 def keep_mask(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float, select: str,
               types: torch.Tensor) -> torch.Tensor:
     """Which responses of a build batch are kept (B,) bool: `all`, `high_reward` (R ≥ μ_R + kσ_R over the
-    batch) or `r1` (type 1: high ℓ and high R). A batch whose σ_R is 0 or undefined has no high reward."""
+    batch) or `r1` (type 1: high ℓ and high R). When every R is the same (σ_R = 0, or a single response), each
+    is at the top: `high_reward` keeps them all; `r1` keeps none (SPEC §3: a degenerate batch is all r5)."""
     if select == "all":
         return torch.ones_like(reward, dtype=torch.bool)
     if select == "r1":
         return types == HIGH_PERFORMANCE
     stats = batch_stats(logprob_mean, reward)
     if not (math.isfinite(stats.reward_sigma) and stats.reward_sigma > 0):
-        return torch.zeros_like(reward, dtype=torch.bool)
+        return torch.ones_like(reward, dtype=torch.bool)
     return reward.double() >= stats.reward_mu + k * stats.reward_sigma
 
 

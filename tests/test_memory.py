@@ -46,8 +46,9 @@ def test_select_keeps_all_high_reward_or_r1_by_hand():
     logprob = torch.tensor([-1.0, -3.0, -2.0, -0.5])  # mean −1.625, σ 1.1087 → high ℓ ⇔ ℓ ≥ −0.683
     assert keep_mask(logprob, reward, 0.85, "r1", classify_rollouts(logprob, reward, 0.85)).tolist() == [
         False, False, False, True]
-    same = torch.full((4,), 0.5)  # σ_R = 0: no response stands out
-    assert not keep_mask(logprob, same, 0.85, "high_reward", classify_rollouts(logprob, same, 0.85)).any()
+    same = torch.full((4,), 0.5)  # σ_R = 0: every response is at the top (R ≥ μ + kσ = μ), none is r1
+    assert keep_mask(logprob, same, 0.85, "high_reward", classify_rollouts(logprob, same, 0.85)).all()
+    assert not keep_mask(logprob, same, 0.85, "r1", classify_rollouts(logprob, same, 0.85)).any()
 
 
 # --- update ------------------------------------------------------------------------------------------------
