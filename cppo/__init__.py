@@ -6,10 +6,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Imported on first use: `cppo sweep` and the config loader run without torch or the trainer.
-    if name in ("CPPOTrainer", "PPOTrainer"):
-        from . import trainer
+    if name == "PPOTrainer":
+        from .trainer import PPOTrainer
 
-        return getattr(trainer, name)
+        return PPOTrainer
+    if name == "CPPOTrainer":
+        from .cppo_trainer import CPPOTrainer
+
+        return CPPOTrainer
     if name in ("Config", "UserError", "load_config"):
         from . import config
 

@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 
 from .checkpoint import STATE, CheckpointWriter, failpoint, prune, read_state, resolve_resume
 from .config import Config, UserError, config_differences
+from .cppo_trainer import trainer_class
 from .data import PromptSet, build_prompt_set, left_pad
 from .memory import RolloutMemory
 from .memory import build as build_memory
@@ -32,7 +33,7 @@ from .outputs import OutputDir, replace_text, writing
 from .regularizers import build_regularizer
 from .rollout import generate, make_generation_config
 from .session import Session, Stage, first_stage, open_session, task_prompts
-from .trainer import PPOTrainer, trainer_class
+from .trainer import PPOTrainer
 
 
 def build_trainer(config: Config) -> PPOTrainer:

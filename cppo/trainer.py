@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from . import core
 from .checkpoint import failpoint, restore_rng, rng_state
-from .config import Config, UserError
+from .config import UserError
 from .data import PromptStream, left_pad
 from .memory import MemoryBatch, RolloutMemory, memory_denominator, retention_loss
 from .models import ActorCritic, checkpoint_generation_config, load_frozen, load_policy, load_value_model
@@ -35,7 +35,6 @@ from .rollout import (
     stack_sequences,
 )
 from .session import Session, Stage
-from .weighting import apply_ablation, batch_stats, heuristic_weights, learned_weights
 
 
 class PPOTrainer:
@@ -607,95 +606,3 @@ class PPOTrainer:
             value_model = copy.deepcopy(value_model).merge_and_unload()
         value_model.save_pretrained(directory / "value_model")
         self.tokenizer.save_pretrained(directory / "value_model")
-
-
-class CPPOTrainer(PPOTrainer):
-    """CPPO (SPEC §3–§5): PPO whose rollouts are typed by (ℓ, R) and weighted by α in the policy loss
-    and by β in the knowledge-retention term KR = Σ β m (log π_θ − log π_anchor)² / Σ β m.
-
-    With `kr_anchor: previous_task` and `kl_reference: previous_task` the anchor and the KL reference
-    are the same frozen π_{t−1}, so KR reuses the reference log-probs: no extra model pass.
-    """
-
-    def prepare_losses(self, batch: Rollout, kl: torch.Tensor) -> dict[str, float]:
-        ccfg = self.config.cppo
-        # The five types need μ and σ over the whole batch: ℓ and R are computed on the gathered batch,
-        # so the same rollouts give bit-identical statistics on any number of processes.
-        mask = self.gather_rows(batch.response_mask)
-        # ℓ_i: mean token log-prob of the response [resolution: SPEC §3]; R_i: score or shaped score.
-        every_logprob = (self.gather_rows(batch.old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        every_reward = self.gather_rows(batch.scores)
-        if ccfg.stats_reward == "shaped":
-            every_reward = every_reward - self.kl_coef * (self.gather_rows(kl) * mask).sum(-1)
-        if ccfg.weighting == "learned":
-            alpha, beta, types = learned_weights(every_logprob, every_reward, ccfg.k, ccfg.lb, ccfg.ub, ccfg.tau,
-                                                 ccfg.coef_lr, ccfg.coef_steps, ccfg.coef_tol)
-        else:
-            alpha, beta, types = heuristic_weights(every_logprob, every_reward, ccfg.k, ccfg.lb, ccfg.ub,
-                                                   ccfg.weighting)
-        alpha, beta = apply_ablation(alpha.to(self.device), beta.to(self.device), ccfg.ablation)
-        local_alpha, local_beta = self.local_rows(alpha, batch.scores), self.local_rows(beta, batch.scores)
-        batch.loss_weights = {"policy": local_alpha, "value": local_alpha if ccfg.alpha_weights_value_loss else None}
-        if ccfg.kr_source != "memory":
-            batch.loss_weights["kr"] = local_beta
-            if ccfg.kr_anchor == "rollout":
-                batch.anchor_logprobs = batch.old_logprobs
-            elif batch.anchor_logprobs is None:  # π_{t−1} is the KL reference: reuse its log-probs
-                batch.anchor_logprobs = batch.ref_logprobs
-        self.kr_active = bool(beta.any())  # the same on every process: β is the global batch's
-        stats = self.weight_stats(every_logprob, every_reward, alpha, beta, types)
-        if self.memory is not None:
-            stats.update(self.retrieve_memory(batch))
-        return stats
-
-    def retrieve_memory(self, batch: Rollout) -> dict[str, float]:
-        """The step's memory batch (SPEC §8 retrieve): the same entries on every process, keyed by the global
-        batch's prompts for `retrieve: similar`. Returns what the memory holds and what was drawn, per task."""
-        started = time.perf_counter()
-        mcfg, memory, names = self.config.memory, self.memory, [t.name for t in self.config.tasks]
-        self.memory_batch = None
-        stats = {"memory/size": float(len(memory))}
-        stats.update({f"memory/size/{names[task]}": float(n) for task, n in memory.task_counts().items()})
-        if not len(memory):
-            return stats
-        query = None
-        if mcfg.retrieve == "similar":
-            ids, mask = self.gather_rows(batch.prompt_ids), self.gather_rows(batch.prompt_mask)
-            query = [row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)]
-        self.memory_batch = memory.batch(memory.retrieve(mcfg.batch_size, query), self.tokenizer.pad_token_id,
-                                         self.device)
-        drawn = torch.bincount(self.memory_batch.task.cpu(), minlength=len(names))
-        stats.update({f"memory/retrieved/{names[task]}": float(drawn[task]) for task in memory.task_counts()})
-        stats["memory/tokens"] = float(self.memory_batch.response_mask.sum())
-        stats["time/memory_retrieve_s"] = time.perf_counter() - started
-        return stats
-
-    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor,
-                     denominators: dict[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
-        kr_coef = self.config.cppo.kr_coef
-        if "kr" not in batch.loss_weights:  # kr_source: memory (the memory term is added by the loop)
-            return {}
-        if not self.kr_active:  # β ≡ 0 over the batch: KR is 0 (SPEC §5), skip its arithmetic
-            return {"kr": (kr_coef, torch.zeros((), device=logprobs.device))}
-        squared = (logprobs - batch.anchor_logprobs) ** 2
-        return {"kr": (kr_coef, core.masked_mean(squared, batch.response_mask, batch.loss_weights["kr"],
-                                                 denominators["kr"]))}
-
-    def weight_stats(self, logprob_mean: torch.Tensor, reward: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-                     types: torch.Tensor) -> dict[str, float]:
-        stats = batch_stats(logprob_mean, reward)
-        counts = torch.bincount(types.cpu(), minlength=6)[1:].double() / types.numel()
-        out = {f"cppo/frac_r{j}": counts[j - 1].item() for j in range(1, 6)}
-        spread = (lambda x: x.std().item()) if alpha.numel() > 1 else (lambda x: 0.0)
-        out.update({
-            "cppo/alpha_mean": alpha.mean().item(), "cppo/alpha_std": spread(alpha),
-            "cppo/beta_mean": beta.mean().item(), "cppo/beta_std": spread(beta),
-            "cppo/logprob_mu": stats.logprob_mu, "cppo/logprob_sigma": stats.logprob_sigma,
-            "cppo/reward_mu": stats.reward_mu, "cppo/reward_sigma": stats.reward_sigma,
-            "cppo/degenerate": float(stats.degenerate),
-        })
-        return out
-
-
-def trainer_class(config: Config) -> type[PPOTrainer]:
-    return CPPOTrainer if config.algo == "cppo" else PPOTrainer
