@@ -16,7 +16,8 @@ from cppo.sweep import load_sweep, resolve, run_sweep, settings
 
 SWEEP = ROOT / "configs" / "sweeps" / "benchmark_continual.yaml"
 TUNED = ["cppo_heuristic", "cppo_balance", "cppo_learned", "cppo_alpha_one", "cppo_beta_one", "cppo_kr_rollout",
-         "l2", "ewc", "mas", "lwf"]
+         "l2", "ewc", "mas", "lwf", "cppo_memory", "ppo_memory", "ppo_memory_small", "cppo_memory_both",
+         "memory_replay"]
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,14 @@ def test_the_protocol_tunes_every_method_on_the_tuning_seeds_from_a_grid_of_thre
     assert all(per_variant[m] == 3 * 2 for m in TUNED)
     assert per_variant["ppo"] == per_variant["cppo_beta_zero"] == per_variant["joint"] == 2
     assert per_variant["ppo_lr"] == 2 * 2 and not sweep.variants["ppo_lr"].confirm
-    assert len(trials) == 70
+    assert len(trials) == 100
     balance = next(t for t in trials if t.name == "cppo_balance-kr_coef=0.03-seed101")
     assert (balance.config["algo"], balance.config["cppo"]["weighting"], balance.config["cppo"]["kr_coef"],
             balance.config["seed"]) == ("cppo", "balance", 0.03, 101)
+    memory = next(t for t in trials if t.name == "ppo_memory_small-kr_coef=0.3-seed101")
+    assert (memory.config["cppo"]["ablation"], memory.config["cppo"]["kr_source"], memory.config["memory"]["capacity"],
+            memory.config["memory"]["kr_coef"], memory.config["memory"]["weighting"]) == (
+        "alpha_one", "memory", 32, 0.3, "uniform")
     ewc = next(t for t in trials if t.name == "ewc-reg_coef=1.0-seed102")
     assert (ewc.config["algo"], ewc.config["continual"]["regularizer"], ewc.config["continual"]["reg_coef"]) == (
         "ppo", "ewc", 1.0)
@@ -60,7 +65,7 @@ def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, b
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
     assert run_sweep(benchmark_sweep, jobs=2) == 0
     calls = (tmp_path / "calls.jsonl").read_text().splitlines()
-    assert len(calls) == 70 + 13 * 5  # every method but ppo_lr on the five reported seeds
+    assert len(calls) == 100 + 18 * 5  # every method but ppo_lr on the five reported seeds
     out = tmp_path / "docs"
     monkeypatch.setattr(sys, "argv", ["benchmark_continual.py", "--report", "--sweep", str(benchmark_sweep),
                                       "--out", str(out)])
@@ -98,9 +103,6 @@ def test_the_sweep_runs_the_trials_of_the_committed_results(tmp_path, bench):
     sweep = load_sweep(path)
     trials = resolve(sweep, path, settings(sweep, path), sweep.seeds, "search")
     chosen = json.loads((ROOT / "docs" / "results" / "continual" / "results.json").read_text())["meta"]["chosen"]
-    knobs = {t.variant: next(iter(t.params), None) for t in trials}
-    best = [(v, {knob: chosen[v]} if knob else {}) for v, knob in knobs.items() if sweep.variants[v].confirm]
-    trials += resolve(sweep, path, best, sweep.confirm_seeds, "confirm")
     old_methods = {  # the earlier runner's table: method → overrides
         "ppo": ["algo=ppo"], "cppo_heuristic": ["algo=cppo", "cppo.weighting=heuristic"],
         "cppo_balance": ["algo=cppo", "cppo.weighting=balance"],
@@ -112,10 +114,14 @@ def test_the_sweep_runs_the_trials_of_the_committed_results(tmp_path, bench):
         "l2": ["algo=ppo", "continual.regularizer=l2"], "ewc": ["algo=ppo", "continual.regularizer=ewc"],
         "mas": ["algo=ppo", "continual.regularizer=mas"], "lwf": ["algo=ppo", "continual.regularizer=lwf"],
         "joint": ["algo=ppo", "continual.schedule=joint"], "ppo_lr": ["algo=ppo"]}
+    knobs = {t.variant: next(iter(t.params), None) for t in trials}
+    best = [(v, {knob: chosen[v]} if knob else {}) for v, knob in knobs.items() if sweep.variants[v].confirm
+            and v in old_methods]
+    trials += resolve(sweep, path, best, sweep.confirm_seeds, "confirm")
     compared = 0
     for trial in trials:
-        if trial.variant == "joint" and trial.stage == "search":
-            continue  # new: the joint run on the tuning seeds
+        if (trial.variant == "joint" and trial.stage == "search") or trial.variant not in old_methods:
+            continue  # new: the joint run on the tuning seeds, the rollout memory's methods
         knob = [f"{k}={v}" for k, v in trial.params.items()]
         old = continual_config(artifacts, tmp_path / "old", "ppo", trial.seed, 40,
                                [*old_methods[trial.variant], *knob]).to_dict()

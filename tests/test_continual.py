@@ -340,6 +340,7 @@ def test_stage_lineage(tmp_path, algo, kl_reference, regularizer, expect_anchor)
         assert second.reference == second.policy and second.anchor is None
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"

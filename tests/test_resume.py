@@ -62,6 +62,7 @@ def straight(tmp_path_factory):
     return out
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("failpoint", [
     "step:5:mid",  # between the rollout and the update of a step
@@ -81,6 +82,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, straight, failpoint):
     assert_identical(straight, out)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_run_killed_after_its_last_step_resumes_with_the_same_summary(tmp_path):
     """The newest checkpoint is the last step's (save_steps divides it), the kill comes before the task-end

@@ -297,6 +297,7 @@ TINY_CONTINUAL = ["tasks.0.steps=3", "tasks.1.steps=3", "ppo.rollout_batch_size=
                   "ppo.ppo_epochs=1", "generation.max_new_tokens=8"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_killed_trial_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
     fields = {"overrides": [*TINY_CONTINUAL, "save_steps=1", "algo=cppo"], "seeds": [1]}
@@ -317,6 +318,7 @@ def test_a_killed_trial_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
         assert a == (tmp_path / "killed-out" / "trials" / "seed1" / name).read_bytes(), name
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_sweep_killed_at_a_random_moment_and_run_again_ends_as_one_that_ran_straight(tmp_path):
     fields = {"overrides": TINY_CONTINUAL, "seeds": [1, 2], "jobs": 2,
@@ -344,6 +346,7 @@ def test_a_sweep_killed_at_a_random_moment_and_run_again_ends_as_one_that_ran_st
     print(f"killed after {moment:.1f} s of a {duration:.1f} s sweep", file=sys.stderr)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_trials_at_once_under_accelerate_launch_each_rendezvous_on_their_own_port(tmp_path):
     accelerate = Path(PYTHON).parent / "accelerate"
@@ -363,6 +366,7 @@ def test_trials_at_once_under_accelerate_launch_each_rendezvous_on_their_own_por
         assert "--main_process_port" in (tmp_path / "s-out" / "trials" / f"{row['name']}.log").read_text()
 
 
+@pytest.mark.long
 def test_a_trial_logs_to_the_sweeps_wandb_group_and_its_summary_metrics_to_the_wandb_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
