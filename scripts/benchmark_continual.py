@@ -82,8 +82,10 @@ def analyse(rows: list[dict], variants: list[str]) -> tuple[dict, dict, dict]:
             means = {(json.loads(k)[knob] if knob else None): {m: statistics.fmean(r["summary"]["reward"][m]
                                                                                     for r in runs) for m in MEANS}
                      for k, runs in tried.items()}
+            memory = any(o in ("cppo.kr_source=memory", "cppo.kr_source=both")
+                         for runs in tried.values() for o in runs[0]["overrides"])
             tuning[variant] = {"knob": knob, "means": means, "chosen": chosen.get(variant),
-                               "reported": variant in results}
+                               "reported": variant in results, "memory": memory}
     return results, tuning, chosen
 
 
@@ -154,7 +156,7 @@ def write_markdown(meta: dict, results: dict, tuning: dict, chosen: dict, span: 
         lost = [s["reward"].get("task1_gain_lost") for s in results["ppo"]["runs"]]
         lines += ["", "PPO in order, task-1 gain lost per reported seed: "
                   + ", ".join(f"{x:.0%}" if x is not None else "–" for x in lost) + "."]
-    points = [x for t in tuning.values() for x in t["means"].values()]
+    points = line_points(tuning)
     if len(points) < 2:
         return lines
     slope, intercept = statistics.linear_regression([x["plasticity"] for x in points],
@@ -172,11 +174,18 @@ def write_markdown(meta: dict, results: dict, tuning: dict, chosen: dict, span: 
                          f"{x['plasticity']:+.3f} | {mark} | "
                          f"{x['forgetting'] - (slope * x['plasticity'] + intercept):+.2f} |")
     correlation = statistics.correlation([x["plasticity"] for x in points], [x["forgetting"] for x in points])
-    lines += ["", f"residual: forgetting minus the line fitted through all {len(points)} tuning points, "
-              f"forgetting = {slope:.2f} × plasticity {intercept:+.2f} (r = {correlation:.2f}); below zero, "
-              "a method forgets less than the common trade-off at its plasticity.",
+    lines += ["", f"residual: forgetting minus the line fitted through the {len(points)} tuning points of the methods "
+              f"without the rollout memory, forgetting = {slope:.2f} × plasticity {intercept:+.2f} "
+              f"(r = {correlation:.2f}); below zero, a method forgets less than that common trade-off at its "
+              "plasticity.",
               "", "![forgetting against plasticity](tradeoff.png)"]
     return lines
+
+
+def line_points(tuning: dict) -> list[dict]:
+    """The tuning points the common forgetting–plasticity line is fitted through: every method's but those
+    with the rollout memory (whose distance from the line is the question)."""
+    return [x for t in tuning.values() if not t.get("memory") for x in t["means"].values()]
 
 
 def plot_tradeoff(tuning: dict, path: Path) -> None:
@@ -206,11 +215,19 @@ def plot_tradeoff(tuning: dict, path: Path) -> None:
             ax.scatter([point["plasticity"]], [point["forgetting"]], marker="*", s=180, zorder=3, label=method)
             continue
         points = sorted(t["means"].items())
-        ax.plot([x["plasticity"] for _, x in points], [x["forgetting"] for _, x in points], marker="o",
-                linestyle="-" if method.startswith("cppo") else "--", label=method)
+        style = {"linestyle": "-", "linewidth": 2.5, "marker": "D"} if t.get("memory") else \
+            {"linestyle": "-" if method.startswith("cppo") else "--", "marker": "o"}
+        ax.plot([x["plasticity"] for _, x in points], [x["forgetting"] for _, x in points], label=method, **style)
         for value, x in points:
             ax.annotate(f"{value:g}", (x["plasticity"], x["forgetting"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
+    fitted = line_points(tuning)
+    if len(fitted) >= 2:
+        plasticity = [x["plasticity"] for x in fitted]
+        slope, intercept = statistics.linear_regression(plasticity, [x["forgetting"] for x in fitted])
+        ends = [min(plasticity), max(plasticity)]
+        ax.plot(ends, [slope * p + intercept for p in ends], color="grey", alpha=0.5, linewidth=6, zorder=0,
+                label="line through the methods without memory")
     ax.set_xlabel("plasticity (mean S[j][j] − S[j−1][j])")
     ax.set_ylabel("forgetting")
     ax.set_title("Forgetting against plasticity over each method's grid (tuning seeds)")

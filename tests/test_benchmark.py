@@ -81,8 +81,14 @@ def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, b
     tuning = results["meta"]["tuning"]
     assert "joint" not in tuning and "joint" in results["results"]  # no forgetting: reported, not on the plot
     assert "ppo_lr" in tuning and "ppo_lr" not in results["results"]
+    # the common line is fitted without the rollout memory's methods: their distance from it is the question
+    assert tuning["ppo_memory"]["memory"] and tuning["memory_replay"]["memory"]
+    assert not tuning["cppo_heuristic"]["memory"] and not tuning["ppo_lr"]["memory"]
+    assert len(bench.line_points(tuning)) == len([x for m, t in tuning.items() if "memory" not in m
+                                                  for x in t["means"].values()])
     assert tuning["cppo_heuristic"]["means"]["0.01"]["final_average"] == pytest.approx(101.5 + 0.1)
     report = (out / "results.md").read_text()
+    assert "tuning points of the methods without the rollout memory" in report
     assert "| cppo_heuristic | +4.000 ± 1.963 |" in report  # seeds 1..5 (mean 3) + 1; t(4) · s / √5 = 1.963
     assert "| cppo_heuristic | cppo.kr_coef=0.1 |" in report and (out / "tradeoff.png").stat().st_size > 0
 
