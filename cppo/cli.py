@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 import traceback
 
 from .config import UserError, load_config
@@ -118,22 +120,47 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if os.environ.get("CPPO_DEBUG", "0") not in ("", "0"):
             raise
-        report(e)
+        if not report(e):
+            leave_after_the_reporter()
         return 2
 
 
-def report(error: UserError) -> None:
+class _Stopped(Exception):
+    pass
+
+
+def leave_after_the_reporter(longest_s: float = 30.0) -> None:
+    """A process of a multi-process launch that stops on an error another process reports leaves after that
+    one: the launcher stops every process as soon as one exits, and would stop the reporter before its line is
+    out (the user would see only the launcher's traceback). The launcher's SIGTERM ends the wait."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+
+    def stop(signum, frame):
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        time.sleep(longest_s)
+    except _Stopped:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def report(error: UserError) -> bool:
     """The one line. An error of this process alone (its share of a batch made the user's code fail) is
     reported by that process, with its rank; an error that wraps an exception names the log that keeps
-    its traceback; any other error is the same on every process and the main process reports it."""
+    its traceback; any other error is the same on every process and the main process reports it. Returns
+    whether this process reported it."""
     from .outputs import write_error_log
 
     if getattr(error, "quiet", False):  # another process failed and reports it
-        return
+        return False
     wraps = error.__cause__ is not None
     own = getattr(error, "own", False) or wraps
     if not own and not _is_main_process():
-        return
+        return False
     rank = "" if _is_main_process() else f"[rank {os.environ['RANK']}] "
     line = f"cppo: error: {rank}{error}"
     if wraps:
@@ -142,6 +169,7 @@ def report(error: UserError) -> None:
             traceback.print_exception(error)
         line += f" (traceback: {log})" if log else ""
     print(line, file=sys.stderr, flush=True)
+    return True
 
 
 if __name__ == "__main__":

@@ -460,3 +460,27 @@ def test_a_reward_failing_on_one_rank_stops_both_with_one_line(tmp_path):
     assert "[rank0]" not in result.stderr and "[rank1]" not in result.stderr  # no traceback from either process
     assert (tmp_path / "exits" / "rank_1").read_text() == "2"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_process_that_does_not_report_the_error_leaves_after_the_one_that_does(tmp_path):
+    """Under a launcher, every process meets an error in the config; the main process reports it. The others
+    must not exit first: the launcher stops every process once one exits, and would stop the main process
+    before its line is out (seen under load: the user got only the launcher's traceback). They wait for the
+    launcher's SIGTERM, then exit 2 without a line of their own."""
+    def start(rank: str) -> subprocess.Popen:
+        env = {**subprocess_env(), "RANK": rank, "WORLD_SIZE": "2", "RANK_EXIT_DIR": str(tmp_path / "exits")}
+        return subprocess.Popen([PYTHON, str(ROOT / "tests" / "rank_exit_script.py"), "train", TINY, "ppo.stepz=3"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    started = time.time()
+    main_process = start("0")
+    _, stderr = main_process.communicate(timeout=120)
+    to_the_error = time.time() - started
+    assert main_process.returncode == 2 and stderr.startswith("cppo: error: unknown config key 'ppo.stepz'"), stderr
+    other = start("1")
+    time.sleep(2 * to_the_error + 3)  # it met the error long ago (the main process took `to_the_error`)
+    assert other.poll() is None, "a process that did not report the error left before the reporter"
+    other.send_signal(signal.SIGTERM)  # what the launcher does once the reporter has exited
+    _, stderr = other.communicate(timeout=60)
+    assert other.returncode == 2 and "cppo: error" not in stderr and "Traceback" not in stderr, stderr
+    assert (tmp_path / "exits" / "rank_1").read_text() == "2"
