@@ -23,9 +23,11 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
-# Two tasks of three steps, a checkpoint after every step: enough updates to move S.
+# Two tasks of three steps, a checkpoint after every step: enough updates to move S. CPPO's KR acts on the
+# rollouts and on the rollout memory of task 1 (built under the back end, its entries in every update's forward).
 RUN = ["tasks.0.steps=3", "tasks.1.steps=3", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
-       "ppo.learning_rate=1e-3", "generation.max_new_tokens=8", "eval.max_prompts=16", "save_steps=1"]
+       "ppo.learning_rate=1e-3", "generation.max_new_tokens=8", "eval.max_prompts=16", "save_steps=1",
+       "cppo.kr_source=both", "memory.build_prompts=4", "memory.build_samples=2", "memory.batch_size=3"]
 SHARDED = ["zero2", "zero3", "fsdp2"]
 WEIGHT_TOLERANCE = 1e-4
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -93,6 +95,13 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
     s_ddp = json.loads((ddp_run / "eval_matrix.json").read_text())["scores"]["reward"]
     assert [v for row in s_matrix for v in row] == pytest.approx([v for row in s_ddp for v in row], abs=1e-6)
     assert s_ddp[0] != s_ddp[-1]  # the run moved S: the comparison is not between untrained models
+    # The rollout memory: the entries DDP built, and the same memory term in every update.
+    entries = [[json.loads(line)["response_ids"] for line in (out / "task_1_vowels" / "memory.jsonl").open()]
+               for out in (straight, ddp_run)]
+    assert entries[0] == entries[1] and len(entries[0]) == 8
+    assert [r["loss/memory"] for r in metrics(straight)] == pytest.approx(
+        [r["loss/memory"] for r in metrics(ddp_run)], rel=1e-4, abs=1e-6)
+    assert metrics(ddp_run)[-1]["loss/memory"] > 0
     for name in ("policy", "value_model"):
         difference = largest_difference(weights(straight, name), weights(ddp_run, name))
         assert difference <= WEIGHT_TOLERANCE
