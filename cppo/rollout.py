@@ -12,8 +12,21 @@ from .core import logprobs_and_entropy, logprobs_from_logits, response_mask_from
 from .models import policy_response_logits, token_scalars
 
 
+class PromptAndResponse:
+    """Rows of left-padded prompts (`prompt_ids`, `prompt_mask`) followed by right-padded responses
+    (`response_ids`, `response_mask`): the whole sequences a model reads."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
 @dataclass
-class Rollout:
+class Rollout(PromptAndResponse):
     """One process's share of a rollout batch. B rollouts, P prompt columns (left-padded), R response
     columns (right-padded; `response_mask` marks the tokens up to and including the stop token)."""
 
@@ -35,15 +48,6 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, R)
     loss_weights: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per loss term, (B,) or None
 
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
-
-
     def select(self, index: torch.Tensor) -> Rollout:
         """Rows `index`, with the padding columns no selected row uses trimmed away (leading prompt
         columns, trailing response columns): fewer positions to run through the models."""
@@ -64,7 +68,7 @@ class Rollout:
 
 
 @dataclass
-class Sampled:
+class Sampled(PromptAndResponse):
     """Responses sampled from a policy for B prompts, with their log-probs and entropies under it."""
 
     prompt_ids: torch.Tensor  # (B, P) left-padded
@@ -76,14 +80,6 @@ class Sampled:
     entropy: torch.Tensor  # (B, R)
     task: torch.Tensor  # (B,) task index of each prompt
     generate_s: float  # seconds spent in generation
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
 
 def stack_sequences(*parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
