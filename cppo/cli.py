@@ -129,7 +129,7 @@ class _Stopped(Exception):
     pass
 
 
-def leave_after_the_reporter(longest_s: float = 30.0) -> None:
+def leave_after_the_reporter(longest_s: float = 60.0) -> None:
     """A process of a multi-process launch that stops on an error another process reports leaves after that
     one: the launcher stops every process as soon as one exits, and would stop the reporter before its line is
     out (the user would see only the launcher's traceback). The launcher's SIGTERM ends the wait."""
