@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
+from . import core
 from .config import CPPOConfig, MemoryConfig
 from .data import left_pad
 from .outputs import replace_text
@@ -84,18 +85,14 @@ def retention_loss(logprobs: torch.Tensor, stored_logprobs: torch.Tensor, mask: 
     sft: −Σ m log π_θ / denominator           (denominator = Σ m over the memory batch)
     logprobs, stored_logprobs, mask: (E, R); beta: (E,).
     """
-    m = mask.to(logprobs.dtype)
     if kind == "kr":
-        numerator = ((logprobs - stored_logprobs.to(logprobs.dtype)) ** 2 * m * beta.to(logprobs.dtype)[:, None]).sum()
-    else:
-        numerator = -(logprobs * m).sum()
-    return numerator / torch.as_tensor(denominator, dtype=logprobs.dtype).clamp_min(torch.finfo(logprobs.dtype).tiny)
+        return core.masked_mean((logprobs - stored_logprobs.to(logprobs.dtype)) ** 2, mask, beta, denominator)
+    return core.masked_mean(-logprobs, mask, None, denominator)
 
 
 def memory_denominator(batch: MemoryBatch, kind: str) -> torch.Tensor:
     """Σ β m (kr) or Σ m (sft) over the whole memory batch."""
-    tokens = batch.response_mask.sum(-1).float()
-    return (tokens * batch.beta.float()).sum() if kind == "kr" else tokens.sum()
+    return core.weighted_token_count(batch.response_mask, batch.beta if kind == "kr" else None)
 
 
 def keep_mask(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float, select: str,
