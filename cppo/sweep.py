@@ -380,6 +380,9 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
             runner.run(confirm, lambda: sweep_report.write_jsonl(sweep, out, search + confirm))
         summary = sweep_report.write(sweep, path, out, search, confirm)
     print(summary, file=sys.stderr)
+    if runner.stopped_by is not None:  # the results above are partial: say so, and to a script by the exit code
+        print("sweep: stopped before every trial finished; run the same command again to finish", file=sys.stderr)
+        return 128 + runner.stopped_by
     return 0
 
 

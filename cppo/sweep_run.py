@@ -80,6 +80,7 @@ class Runner:
         self.threads = max(1, (os.cpu_count() or 1) // (jobs * processes))
         self.devices = self._device_groups()
         self.stopping = False
+        self.stopped_by: int | None = None  # the signal that stopped the sweep
         self.running: dict[int, tuple[Trial, subprocess.Popen, float, Any, int]] = {}
         self.durations: list[float] = []
         self.counts = {"finished": 0, "failed": 0}
@@ -129,7 +130,7 @@ class Runner:
         if self.stopping and signum == signal.SIGINT:  # asked twice: do not wait for checkpoints
             self._signal_all(signal.SIGKILL)
             return
-        self.stopping = True
+        self.stopping, self.stopped_by = True, signum
         print(f"sweep: stopping; {len(self.running)} running trial(s) save a checkpoint first "
               "(run the same command again to finish)", file=sys.stderr, flush=True)
         self._signal_all(signal.SIGTERM)

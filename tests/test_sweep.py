@@ -204,6 +204,22 @@ def test_finished_trials_are_reused_and_a_failed_trial_does_not_stop_the_sweep(t
         "finished") == 5
 
 
+def test_a_sweep_stopped_by_a_signal_exits_128_plus_the_signal_and_says_it_did_not_finish(tmp_path):
+    log = tmp_path / "calls.jsonl"
+    path = sweep_file(tmp_path, launcher=FAKE, seeds=[1, 2])
+    env = {**subprocess_env(), "FAKE_CALLS": str(log), "FAKE_SLEEP": "30"}
+    process = subprocess.Popen([PYTHON, "-m", "cppo", "sweep", str(path)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not log.exists() and time.time() < deadline:  # a trial is running
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err  # a script that waits on it can tell
+    assert "sweep: stopped before every trial finished; run the same command again to finish" in err
+    assert len(calls(log)) == 1
+
+
 def test_a_trial_left_part_way_resumes_and_a_changed_config_is_not_reused(tmp_path, monkeypatch):
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(log))
