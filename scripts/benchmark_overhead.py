@@ -1,10 +1,13 @@
-"""Time cost of CPPO over PPO per training step, on the same config.
+"""Time cost of CPPO and of the rollout memory over PPO per training step, on the same config.
 
-PPO, CPPO with heuristic weighting and CPPO with learned weighting are built side by side from one
+PPO, CPPO with heuristic weighting, CPPO with learned weighting, and PPO and CPPO with KR on a rollout
+memory (SPEC §8; as the continual benchmark's ppo_memory and cppo_memory) are built side by side from one
 config and stepped in turns (the order rotates every round), so machine noise hits all of them
 alike; the figure is the median over rounds of each method's step time divided by PPO's in the same
 round. Responses are sampled to full length (no stop token) so that every method does the same
-amount of generation and training work at each step index.
+amount of generation and training work at each step index. The memory methods' memory is built
+once before the rounds, from their own policy on the config's task (the build is timed apart); each step
+then retrieves `memory.batch_size` entries and trains on them with every mini-batch, as in a later task.
 
     python scripts/benchmark_overhead.py                      # tiny model, as configs/ppo_tiny.yaml
     python scripts/benchmark_overhead.py --preset small       # 4 layers × 256 wide, 64 new tokens
@@ -27,12 +30,16 @@ sys.path.insert(0, str(ROOT))
 
 from cppo.config import load_config  # noqa: E402
 from cppo.continual import build_trainer  # noqa: E402
+from cppo.memory import RolloutMemory  # noqa: E402
+from cppo.memory import build as build_memory  # noqa: E402
 from cppo.models import build_tiny_gpt2  # noqa: E402
 
 METHODS = {
     "ppo": ["algo=ppo"],
     "cppo_heuristic": ["algo=cppo", "cppo.weighting=heuristic"],
     "cppo_learned": ["algo=cppo", "cppo.weighting=learned"],
+    "ppo_memory": ["algo=cppo", "cppo.ablation=alpha_one", "cppo.kr_source=memory", "memory.weighting=uniform"],
+    "cppo_memory": ["algo=cppo", "cppo.weighting=heuristic", "cppo.kr_source=memory"],
 }
 
 
@@ -59,10 +66,15 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     base = preset_overrides(args.preset, workdir)
-    trainers, weighting_s = {}, {name: [] for name in METHODS}
+    trainers, weighting_s, build_s = {}, {name: [] for name in METHODS}, {}
     for name, extra in METHODS.items():
         config = load_config(args.config, [*base, *extra, f"ppo.steps={args.rounds + args.warmup}"])
         trainer = build_trainer(config)
+        if config.uses_memory:
+            start = time.perf_counter()
+            trainer.memory = RolloutMemory(config.memory, config.seed)
+            trainer.memory.add(build_memory(trainer, 0, config.memory, config.cppo, config.seed)[0])
+            build_s[name] = time.perf_counter() - start
         prepare = trainer.prepare_losses
 
         def timed_prepare(batch, kl, _prepare=prepare, _name=name):
@@ -87,7 +99,7 @@ def main() -> None:
 
     result = {"preset": args.preset, "rounds": args.rounds, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "methods": {}}
+              "methods": {}, "memory_build_s": build_s}
     print(f"{'method':<16} {'median step s':>14} {'vs PPO (median of ratios)':>27} {'prepare_losses ms':>18}")
     for name in names:
         ratios = [t / p for t, p in zip(times[name], times["ppo"], strict=True)]
@@ -100,6 +112,8 @@ def main() -> None:
         result["methods"][name] = figures
         print(f"{name:<16} {figures['median_step_s']:>14.4f} {figures['median_ratio_to_ppo'] - 1:>+26.1%} "
               f"{figures['prepare_losses_ms']:>18.2f}")
+    for name, seconds in build_s.items():
+        print(f"{name}: memory of {len(trainers[name].memory)} entries built in {seconds:.2f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
