@@ -282,17 +282,28 @@ def continual_config(artifacts: dict, output_dir: Path, algo: str, seed: int, st
         os.unlink(f.name)
 
 
+# The demo's continual runs: (algo, overrides of `continual_config`'s defaults). CPPO's coefficients are the
+# ones the continual benchmark chose on its tuning seeds (scripts/benchmark_continual.py).
+METHODS = {
+    "ppo": ("ppo", []),
+    "cppo": ("cppo", []),  # KR on the current rollouts (SPEC §5), kr_coef 0.03
+    "cppo_memory": ("cppo", ["cppo.kr_source=memory", "memory.kr_coef=0.1"]),  # KR on the rollout memory (§8)
+}
+
+
 def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Artifacts, then the continual run with PPO in order and with CPPO, then the report."""
+    """Artifacts, then the continual run with PPO in order, with CPPO and with CPPO + rollout memory, then the
+    report."""
     from . import continual, report
     from .session import reset_accelerate_state
 
     started = time.perf_counter()
     artifacts = build_artifacts(sizes, seed, log)
     runs = {}
-    for method in ("ppo", "cppo"):
+    for method, (algo, overrides) in METHODS.items():
         log(f"continual run: {method} in order over {', '.join(d.name for d in DOMAINS)}")
-        config = continual_config(artifacts, output_dir / "runs" / method, method, seed, sizes.steps_per_task)
+        config = continual_config(artifacts, output_dir / "runs" / method, algo, seed, sizes.steps_per_task,
+                                  overrides)
         reset_accelerate_state()  # trl's trainers and the previous run left theirs
         # The demo's own earlier output is replaced (once the new run has finished its first step).
         if "preempted" in continual.run(config, overwrite=True):
@@ -306,8 +317,9 @@ def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[s
         "Domains (hidden annotator rules): " + "; ".join(f"**{d.name}** prefers the {d.rule}" for d in DOMAINS) + ".",
         f"A tiny GPT-2 is fine-tuned (trl SFTTrainer), one reward model is trained per domain and a reference "
         f"PM on all domains' pairs (trl RewardTrainer); the policy is then aligned to the domains in order, "
-        f"{sizes.steps_per_task} PPO steps each, with PPO and with CPPO. S[i][j] is the reference PM's mean "
-        f"reward on domain j's evaluation prompts after training domains 1..i (row 0: the SFT model).",
+        f"{sizes.steps_per_task} PPO steps each, with PPO, with CPPO (KR on the current rollouts) and with CPPO "
+        f"whose KR acts on a rollout memory of the earlier domains (cppo_memory). S[i][j] is the reference PM's "
+        f"mean reward on domain j's evaluation prompts after training domains 1..i (row 0: the SFT model).",
         "| reward model | held-out pairwise accuracy |\n|---|---|\n" + accuracy])
     path = report.write_report(output_dir / "report", runs, intro)
     table = report.summary_table(runs)

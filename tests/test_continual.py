@@ -353,10 +353,14 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     for png in ("reward_curves.png", "eval_matrices.png", "forgetting_plasticity.png", "types_cppo.png",
                 "weight_surfaces.png"):
         assert (out / "report" / png).stat().st_size > 1000 and png in report
-    for method in ("ppo", "cppo"):
+    for method in ("ppo", "cppo", "cppo_memory"):
         matrix = json.loads((out / "runs" / method / "eval_matrix.json").read_text())
         assert len(matrix["scores"]["reward"]) == 4 and len(matrix["scores"]["reward"][0]) == 3
-    assert "| ppo |" in result.stdout and "| cppo |" in result.stdout
+        assert f"| {method} |" in result.stdout
+    for task in ("task_1_sky", "task_2_ledger"):  # the memory is built after every task another follows
+        assert (out / "runs" / "cppo_memory" / task / "memory.jsonl").stat().st_size > 0
+    assert not (out / "runs" / "cppo_memory" / "task_3_forest" / "memory.jsonl").exists()
+    assert "types_cppo_memory.png" in report
     # a second run reuses the data, the SFT model and the reward models
     again = subprocess.run([PYTHON, "-m", "cppo", "demo", "--quick", "--output-dir", str(tmp_path / "demo2")],
                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
