@@ -17,7 +17,7 @@ from cppo.sweep import load_sweep, resolve, run_sweep, settings
 SWEEP = ROOT / "configs" / "sweeps" / "benchmark_continual.yaml"
 TUNED = ["cppo_heuristic", "cppo_balance", "cppo_learned", "cppo_alpha_one", "cppo_beta_one", "cppo_kr_rollout",
          "l2", "ewc", "mas", "lwf", "cppo_memory", "ppo_memory", "ppo_memory_small", "cppo_memory_both",
-         "memory_replay"]
+         "cppo_memory_similar", "memory_replay"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_the_protocol_tunes_every_method_on_the_tuning_seeds_from_a_grid_of_thre
     assert all(per_variant[m] == 3 * 2 for m in TUNED)
     assert per_variant["ppo"] == per_variant["cppo_beta_zero"] == per_variant["joint"] == 2
     assert per_variant["ppo_lr"] == 2 * 2 and not sweep.variants["ppo_lr"].confirm
-    assert len(trials) == 100
+    assert len(trials) == 106
     balance = next(t for t in trials if t.name == "cppo_balance-kr_coef=0.03-seed101")
     assert (balance.config["algo"], balance.config["cppo"]["weighting"], balance.config["cppo"]["kr_coef"],
             balance.config["seed"]) == ("cppo", "balance", 0.03, 101)
@@ -65,7 +65,7 @@ def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, b
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
     assert run_sweep(benchmark_sweep, jobs=2) == 0
     calls = (tmp_path / "calls.jsonl").read_text().splitlines()
-    assert len(calls) == 100 + 18 * 5  # every method but ppo_lr on the five reported seeds
+    assert len(calls) == 106 + 19 * 5  # every method but ppo_lr on the five reported seeds
     out = tmp_path / "docs"
     monkeypatch.setattr(sys, "argv", ["benchmark_continual.py", "--report", "--sweep", str(benchmark_sweep),
                                       "--out", str(out)])
