@@ -671,7 +671,10 @@ RESUME_SAFE_FIELDS = {"output_dir", "report_to", "project", "run_name", "run_gro
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the fields whose values differ and that change the result of a run."""
+    """Dotted names of the fields whose values differ and that change the result of a run. A field the saved
+    config lacks (added to cppo since it was written) counts as its default: the run ran as the default does."""
+    if not prefix:
+        saved = _with_defaults(saved)
     names = []
     for key in sorted(set(saved) | set(current)):
         name = f"{prefix}{key}"
@@ -687,6 +690,13 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         else:
             names.append(name)
     return names
+
+
+def _with_defaults(saved: dict) -> dict:
+    try:
+        return from_dict(Config, saved).to_dict()
+    except (UserError, TypeError):  # a field cppo no longer has: compare as written, so that it shows
+        return saved
 
 
 def config_yaml(config: Config) -> str:

@@ -106,3 +106,23 @@ def test_a_bare_no_in_yaml_is_the_string_no(tmp_path):
     assert load_config(tmp_path / "c.yaml", ["mixed_precision=bf16"]).mixed_precision == "bf16"
     path.write_text("{}\n")
     assert load_config(path, []).mixed_precision is None  # follows the accelerate config
+
+
+def test_a_field_added_since_a_config_was_saved_differs_only_when_set_away_from_its_default():
+    """A checkpoint or a sweep trial written before a field existed ran as that field's default does: resuming
+    it, or reusing the trial, is refused only when the field is now set to something else."""
+    import copy
+
+    from cppo.config import config_differences
+
+    tiny = "configs/continual_tiny.yaml"
+    current = load_config(tiny).to_dict()
+    saved = copy.deepcopy(current)
+    del saved["ppo"]["whiten_advantages"]  # fields, a task's field and a whole section the writer did not have
+    del saved["tasks"][1]["reward"]["missing_eos_penalty"]
+    del saved["memory"]
+    assert config_differences(saved, current) == []
+    changed = load_config(tiny, ["ppo.whiten_advantages=false", "memory.capacity=5"]).to_dict()
+    assert config_differences(saved, changed) == ["memory.capacity", "ppo.whiten_advantages"]
+    saved["ppo"]["retired_knob"] = 1  # a field cppo no longer has still counts
+    assert "ppo.retired_knob" in config_differences(saved, current)
