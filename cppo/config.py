@@ -235,15 +235,21 @@ class GenerationConfig:
     """Response ends at this token (kept, masked after): `eos` (every end-of-sequence id the checkpoint
     declares: the tokenizer's EOS and generation_config.json's eos_token_id list), a literal token, or null."""
     batch_size: int | None = None
-    """Prompts per `generate` call on each process; null generates the whole local batch at once."""
+    """Responses per `generate` call on each process, a multiple of `num_generations` (a prompt's group is
+    sampled in one call); null generates the whole local batch at once."""
+    num_generations: int = 1
+    """G: responses sampled per prompt, in one group (≥ 2 for `ppo.advantage: rloo | grpo`, whose baselines
+    are the other responses of the group). Each process holds whole groups."""
 
     def validate(self) -> None:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens", self.max_new_tokens, "> 0")
         _check(self.temperature > 0, "generation.temperature", self.temperature, "> 0")
         _check(self.top_k >= 0, "generation.top_k", self.top_k, ">= 0")
         _check(0 < self.top_p <= 1, "generation.top_p", self.top_p, "in (0, 1]")
-        _check(self.batch_size is None or self.batch_size > 0, "generation.batch_size", self.batch_size,
-               "> 0 or null")
+        _check(self.num_generations > 0, "generation.num_generations", self.num_generations, "> 0")
+        _check(self.batch_size is None or (self.batch_size > 0 and self.batch_size % self.num_generations == 0),
+               "generation.batch_size", self.batch_size,
+               f"> 0 and a multiple of generation.num_generations ({self.num_generations}), or null")
 
 
 @dataclass
@@ -251,7 +257,8 @@ class PPOConfig:
     steps: int = 40
     """PPO steps (rollout batch, then `ppo_epochs` of updates) per task, unless the task sets its budget."""
     rollout_batch_size: int = 32
-    """Prompts per step, over all processes."""
+    """Responses per step, over all processes: rollout_batch_size / generation.num_generations prompts, each
+    answered G times (with G = 1, the default, as many prompts as responses)."""
     mini_batch_size: int = 8
     """Rollouts per optimiser step, over all processes."""
     gradient_accumulation_steps: int = 1
@@ -270,6 +277,15 @@ class PPOConfig:
     """Optimiser steps of linear warm-up."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm (policy and critic together); null disables."""
+    advantage: Literal["gae", "rloo", "grpo", "reinforce_pp"] = "gae"
+    """Advantage estimator (SPEC §9): `gae` with a critic (§2); critic-free `rloo` (leave-one-out baseline
+    over the prompt's group), `grpo` (group-normalised reward) or `reinforce_pp` (returns-to-go whitened
+    over the batch). Without a critic no value model is built, trained or saved, and VF leaves the loss."""
+    scale_rewards: Literal["group", "none"] = "group"
+    """`advantage: grpo`: divide by the group's reward std (`group`) or not (`none`, Dr. GRPO)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: shaped into the reward (§2; every estimator) or, with `advantage:
+    grpo` only, as a loss term kl_coef · mean k3(π_θ ‖ π_ref) over response tokens."""
     gamma: float = 1.0
     """Discount of GAE."""
     lam: float = 0.95
@@ -452,6 +468,11 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @property
+    def uses_critic(self) -> bool:
+        """Whether the run has a value model (GAE); the critic-free estimators of SPEC §9 have none."""
+        return self.ppo.advantage == "gae"
+
+    @property
     def uses_memory(self) -> bool:
         """Whether the run builds and retrieves a rollout memory (SPEC §8)."""
         return self.algo == "cppo" and self.cppo.kr_source != "rollouts"
@@ -487,7 +508,15 @@ class Config:
                    "rollouts with algo: ppo (PPO with memory is algo: cppo with cppo.ablation: alpha_one)")
             _check(self.continual.schedule == "sequential", "cppo.kr_source", self.cppo.kr_source,
                    "rollouts with continual.schedule: joint (no earlier task to remember)")
-        if self.model.value_init == "reward_model" and self.model.value_model is None:
+        group, pcfg = self.generation.num_generations, self.ppo
+        _check(pcfg.advantage not in ("rloo", "grpo") or group >= 2, "generation.num_generations", group,
+               f">= 2 with ppo.advantage: {pcfg.advantage} (its baseline is the other responses to the prompt)")
+        _check(pcfg.rollout_batch_size % (group * num_processes) == 0, "ppo.rollout_batch_size",
+               pcfg.rollout_batch_size, f"a multiple of generation.num_generations × processes ({group} × "
+               f"{num_processes}): each process answers whole prompts G times")
+        _check(pcfg.kl_in == "reward" or pcfg.advantage == "grpo", "ppo.kl_in", pcfg.kl_in,
+               "reward unless ppo.advantage is grpo")
+        if self.uses_critic and self.model.value_init == "reward_model" and self.model.value_model is None:
             first = self.tasks[0].reward
             _check(first.model is not None, "model.value_init", self.model.value_init,
                    "'policy' when the first task's reward is not a reward model")
@@ -496,7 +525,8 @@ class Config:
     def inputs(self) -> list[tuple[str, str]]:
         """(field, value) of every model, data file and reward source the run reads (paths or names)."""
         m = self.model
-        found = [(f"model.{name}", getattr(m, name)) for name in ("policy", "tokenizer", "value_model")]
+        found = [(f"model.{name}", getattr(m, name))
+                 for name in ("policy", "tokenizer", *(("value_model",) if self.uses_critic else ()))]
         rewards = [(f"tasks[{i}].reward", t.reward) for i, t in enumerate(self.tasks)]
         rewards += [("eval_reward", self.eval_reward)] if self.eval_reward is not None else []
         for name, reward in rewards:

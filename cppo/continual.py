@@ -416,7 +416,8 @@ def stages(session: Session, prompt_sets: list[PromptSet]):
                 config.continual.regularizer == "lwf"
             stage = Stage(name=task.name, prompts=prompt_sets[index],
                           reward_configs=[t.reward for t in tasks], steps=task.budget(config.ppo), policy=policy,
-                          value_model=str(previous / "value_model"), reference=reference,
+                          value_model=str(previous / "value_model") if config.uses_critic else None,
+                          reference=reference,
                           anchor=policy if needs_anchor and reference != policy else None,
                           output_dir=out / f"task_{index + 1}_{task.name}",
                           step_offset=stage.step_offset + stage.steps)
@@ -424,14 +425,16 @@ def stages(session: Session, prompt_sets: list[PromptSet]):
 
 
 def _link_final(out: Path, last_dir: Path) -> None:
-    """`output_dir/policy` and `output_dir/value_model`: the final models, as links into the last stage."""
+    """`output_dir/policy` and `output_dir/value_model` (with a critic): the final models, as links into the last
+    stage."""
     for name in ("policy", "value_model"):
         link = out / name
         if link.is_symlink():
             link.unlink()
         elif link.exists():  # a real directory, saved there directly: leave it
             continue
-        link.symlink_to(Path(last_dir.name) / name, target_is_directory=True)
+        if (last_dir / name).is_dir():
+            link.symlink_to(Path(last_dir.name) / name, target_is_directory=True)
 
 
 def format_table(matrix: EvalMatrix) -> str:

@@ -1,4 +1,4 @@
-"""The maths of PPO for language models: pure functions over tensors (SPEC §2, §5).
+"""The maths of PPO for language models: pure functions over tensors (SPEC §2, §5, §9).
 
 Shapes: B = rollouts, T = response tokens (right-padded), V = vocabulary. `mask` is the response
 mask (B, T) with 1 on real response tokens (a prefix of each row); `weights` are per rollout (B,),
@@ -136,6 +136,60 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp_min(0).double(), 0.0)
     advantages = (deltas.double() @ discount).to(values.dtype) * m
     return advantages, (advantages + values) * m
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (SPEC §9): A_i = R_i − mean of the other G − 1 rewards of i's group. rewards: (B,), B a multiple of
+    G, each group's G responses contiguous -> (B,)."""
+    r = rewards.view(-1, group_size)
+    return (r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)).flatten()
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (SPEC §9): A_i = (R_i − mean_g R) / (std_g R + ε) with the unbiased std of i's group, or
+    R_i − mean_g R without the division (`scale` False: Dr. GRPO). A group of equal rewards gives 0.
+    rewards: (B,) in contiguous groups of G -> (B,)."""
+    r = rewards.view(-1, group_size)
+    centred = r - r.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (r.std(-1, keepdim=True) + eps)
+    return centred.flatten()
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G_t = Σ_{t' ≥ t} r_t' over the response (γ = 1; REINFORCE++, SPEC §9). (B, T) -> (B, T), 0 outside the
+    mask."""
+    r = rewards * mask.to(rewards.dtype)
+    return (r.flip(-1).cumsum(-1).flip(-1)) * mask.to(rewards.dtype)
+
+
+def advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None,
+               gamma: float = 1.0, lam: float = 0.95, group_size: int = 1,
+               scale_rewards: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token advantages (B, T) of the shaped rewards `rewards` (B, T), and GAE's returns (None without a
+    critic), by `ppo.advantage` (SPEC §2, §9). The sequence estimators (`rloo`, `grpo`) take R_i = Σ_t r_it
+    (the score less the KL shaping) and broadcast A_i to every response token of i. Whitening over the
+    global batch (GAE's option, REINFORCE++'s definition) is the caller's: it needs every process's rows."""
+    m = mask.to(rewards.dtype)
+    if estimator == "gae":
+        return gae(rewards, values, mask, gamma, lam)
+    if estimator == "reinforce_pp":
+        return returns_to_go(rewards, mask), None
+    sequence = (rewards * m).sum(-1)
+    if estimator == "rloo":
+        per_response = rloo_advantages(sequence, group_size)
+    elif estimator == "grpo":
+        per_response = grpo_advantages(sequence, group_size, scale_rewards)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}")
+    return per_response.unsqueeze(-1) * m, None
+
+
+def k3_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+            denominator: torch.Tensor | float | None = None) -> torch.Tensor:
+    """GRPO's KL term with `kl_in: loss` (SPEC §9): the masked token mean of k3(π_θ ‖ π_ref), differentiable
+    in the policy's log-probs. (B, T) -> scalar."""
+    return masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask, None, denominator)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

@@ -364,7 +364,8 @@ class Backend:
 
 
 def _cpu_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
-    """policy + critic (an ActorCritic, LoRA adapters included) rebuilt on the CPU from `state`."""
+    """policy + critic (an ActorCritic, LoRA adapters included; no critic for SPEC §9's estimators) rebuilt on
+    the CPU from `state`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .models import ActorCritic
@@ -381,10 +382,12 @@ def _cpu_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
         return built
 
     with torch.device("meta"):
-        copy = ActorCritic(empty_like(policy, AutoModelForCausalLM),
+        copy = ActorCritic(empty_like(policy, AutoModelForCausalLM), None if value_model is None else
                            empty_like(value_model, AutoModelForSequenceClassification))
     copy.load_state_dict(state, assign=True)
     for new, old in ((copy.policy, policy), (copy.value_model, value_model)):
+        if new is None:
+            continue
         new.tie_weights()  # assign=True replaced tied parameters one by one
         if getattr(old, "generation_config", None) is not None:
             new.generation_config = old.generation_config

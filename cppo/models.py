@@ -336,24 +336,28 @@ def token_scalars(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 class ActorCritic(nn.Module):
     """Policy and critic as one module, so one optimiser and one `accelerator.prepare` cover both
-    (DDP, DeepSpeed and FSDP each wrap a single module)."""
+    (DDP, DeepSpeed and FSDP each wrap a single module). `value_model` is None for the critic-free
+    estimators (SPEC §9): the module is then the policy alone."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
         # The decoder-layer classes, which FSDP shards as units (accelerate reads this name).
         self._no_split_modules = list(dict.fromkeys(
-            name for model in (policy, value_model) for name in (getattr(model, "_no_split_modules", None) or [])))
+            name for model in (policy, value_model) if model is not None
+            for name in (getattr(model, "_no_split_modules", None) or [])))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
-                value_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits predicting each response token and the critic's value before it.
+                value_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits predicting each response token and the critic's value before it (None without a critic).
 
         input_ids: (B, P + R) prompt then response -> logits (B, R, V), values (value_rows or B, R). Rows past
         `value_rows` (rollout memory entries) need no value: the critic skips them.
         """
         logits = policy_response_logits(self.policy, input_ids, attention_mask, response_length)
+        if self.value_model is None:
+            return logits, None
         rows = slice(None) if value_rows is None else slice(0, value_rows)
         values = token_scalars(self.value_model, input_ids[rows], attention_mask[rows],
                                keep=response_length + 1)[:, :-1]

@@ -35,7 +35,7 @@ from .tracking import Tracker
 def check_sources(config: Config) -> None:
     """Every path and import the run needs, checked before any model loads."""
     resolve_model_source(config.model.policy, "model.policy")
-    for name in ("tokenizer", "value_model"):
+    for name in ("tokenizer", "value_model") if config.uses_critic else ("tokenizer",):
         if getattr(config.model, name) is not None:
             resolve_model_source(getattr(config.model, name), f"model.{name}")
     rewards = [(f"tasks[{i}].reward", t.reward) for i, t in enumerate(config.tasks)]
@@ -108,7 +108,8 @@ def open_session(config: Config, output: OutputDir | None = None) -> Session:
     initial = resolve_model_source(mcfg.policy, "model.policy")
     tokenizer = load_tokenizer(resolve_model_source(mcfg.tokenizer, "model.tokenizer") if mcfg.tokenizer else initial,
                                mcfg.trust_remote_code)
-    check_critic(config, initial, tokenizer)
+    if config.uses_critic:
+        check_critic(config, initial, tokenizer)
     check_context(config, initial)
     output = output or OutputDir(config.output_dir, resume=False, overwrite=False)
     output.is_main_process = accelerator.is_main_process
@@ -202,7 +203,7 @@ class Stage:
     reward_configs: list  # RewardConfig per task index (PromptSet.task)
     steps: int
     policy: str  # where the policy starts: π_{t−1}
-    value_model: str  # where the critic starts
+    value_model: str | None  # where the critic starts (None: critic-free, SPEC §9)
     reference: str  # reference of the reward's KL penalty
     anchor: str | None  # π_{t−1} for KR / LwF when it is not the reference (then a second frozen model)
     output_dir: Path
@@ -218,8 +219,9 @@ def first_stage(session: Session, output_dir: Path | None = None, prompts: Promp
     """The stage of the first task, starting from the configured models: a single-task run."""
     config = session.config
     field, value = critic_source(config)
+    critic = resolve_model_source(value, field) if config.uses_critic else None
     return Stage(name=config.tasks[0].name, prompts=prompts or task_prompts(session, 0),
                  reward_configs=[t.reward for t in config.tasks], steps=config.tasks[0].budget(config.ppo),
-                 policy=session.initial_policy, value_model=resolve_model_source(value, field),
+                 policy=session.initial_policy, value_model=critic,
                  reference=session.initial_policy, anchor=None,
                  output_dir=output_dir or Path(config.output_dir))

@@ -1,6 +1,7 @@
 """The PPO loop for causal language models (SPEC §2), with the hooks CPPO overrides (SPEC §5).
 
-One step reads top to bottom in `PPOTrainer.step`: rollout → scores → KL-shaped rewards → advantages
+One step reads top to bottom in `PPOTrainer.step`: rollout → scores → KL-shaped rewards → advantages (GAE
+with the critic, or a critic-free estimator of SPEC §9)
 → per-rollout loss weights (the `prepare_losses` hook) → epochs of mini-batch updates → KL controller → stats.
 Statistics over the batch are taken on the batch gathered from every process, in `gather_rows`.
 """
@@ -38,7 +39,8 @@ from .session import Session, Stage
 
 
 class PPOTrainer:
-    """PPO with a separate critic, a frozen reference policy and reward models or functions.
+    """PPO with a separate critic (or none: `ppo.advantage` rloo, grpo, reinforce_pp), a frozen reference
+    policy and reward models or functions.
 
     It trains one `Stage` (a task, or the union of tasks) of a `Session`. Subclasses change the
     algorithm through two hooks, never the loop: `prepare_losses` (per-rollout weights of each loss
@@ -72,7 +74,7 @@ class PPOTrainer:
             "AutoModelForCausalLM", stage.reference, mcfg, pad))
         self.anchor_policy = None if stage.anchor is None else self.backend.place_frozen(load_frozen(
             "AutoModelForCausalLM", stage.anchor, mcfg, pad))
-        value_model = load_value_model(stage.value_model, mcfg, pad)
+        value_model = None if stage.value_model is None else load_value_model(stage.value_model, mcfg, pad)
         model = ActorCritic(policy, value_model)
         optimizer = self._build_optimizer(model)
         self.scheduler = self._build_scheduler(optimizer)
@@ -99,11 +101,10 @@ class PPOTrainer:
         loop, so results differ from it in the last bits; from one run to the next, and across resume,
         they are identical."""
         pcfg = self.config.ppo
-        groups = [
-            {"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": pcfg.learning_rate},
-            {"params": [p for p in model.value_model.parameters() if p.requires_grad],
-             "lr": pcfg.value_learning_rate or pcfg.learning_rate},
-        ]
+        groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": pcfg.learning_rate}]
+        if model.value_model is not None:
+            groups.append({"params": [p for p in model.value_model.parameters() if p.requires_grad],
+                           "lr": pcfg.value_learning_rate or pcfg.learning_rate})
         try:
             return torch.optim.AdamW(groups, weight_decay=pcfg.weight_decay, fused=True)
         except RuntimeError:  # a device (or parameter type) without the fused kernel
@@ -159,11 +160,17 @@ class PPOTrainer:
             return {"nonfinite/skipped_step": 1.0, "nonfinite/skipped_updates": 0.0,
                     "time/step_s": time.perf_counter() - start, "time/generate_s": generate_s}
         batch.scores = self.process_scores(batch)
-        kl = core.kl_penalty(batch.old_logprobs, batch.ref_logprobs, self.config.ppo.kl_estimator)
-        rewards = core.shaped_rewards(batch.scores, kl, batch.response_mask, self.kl_coef)
-        batch.advantages, batch.returns = core.gae(rewards, batch.old_values, batch.response_mask,
-                                                   self.config.ppo.gamma, self.config.ppo.lam)
-        if self.config.ppo.whiten_advantages:
+        pcfg = self.config.ppo
+        kl = core.kl_penalty(batch.old_logprobs, batch.ref_logprobs, pcfg.kl_estimator)
+        # With GRPO's `kl_in: loss` the KL is a loss term instead of a part of the reward (SPEC §9).
+        rewards = core.shaped_rewards(batch.scores, kl, batch.response_mask,
+                                      self.kl_coef if pcfg.kl_in == "reward" else 0.0)
+        # Each process holds whole prompt groups (rows of one prompt contiguous), so the group estimators
+        # need no gather; the whitening of GAE and REINFORCE++ is over the global batch.
+        batch.advantages, batch.returns = core.advantages(
+            pcfg.advantage, rewards, batch.response_mask, batch.old_values, pcfg.gamma, pcfg.lam,
+            self.config.generation.num_generations, pcfg.scale_rewards == "group")
+        if pcfg.advantage == "reinforce_pp" or (pcfg.advantage == "gae" and pcfg.whiten_advantages):
             batch.advantages = self.whiten(batch.advantages, batch.response_mask)
         weight_stats = self.prepare_losses(batch, kl)
         failpoint(f"step:{self.global_step + 1}:mid")
@@ -190,7 +197,10 @@ class PPOTrainer:
         """Generate this process's share of the next prompt batch and score it."""
         pcfg, gcfg = self.config.ppo, self.config.generation
         acc = self.accelerator
-        indices = self.prompt_stream.next_indices(pcfg.rollout_batch_size, acc.process_index, acc.num_processes)
+        group = gcfg.num_generations  # G responses to each prompt, contiguous rows (SPEC §9)
+        prompts = self.prompt_stream.next_indices(pcfg.rollout_batch_size // group, acc.process_index,
+                                                  acc.num_processes)
+        indices = [i for i in prompts for _ in range(group)]
         chunk = pcfg.forward_batch_size or len(indices)
         temperature = gcfg.temperature
         with self.backend.whole(self.model) as model:
@@ -200,7 +210,8 @@ class PPOTrainer:
             with acc.autocast():
                 with self.reference_policy() as ref:
                     ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature, chunk)
-                old_values = response_values(model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
+                old_values = None if model.value_model is None else response_values(
+                    model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
                 anchor_logprobs = None
                 if self.anchor_policy is not None:
                     anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
@@ -391,8 +402,9 @@ class PPOTrainer:
     def rollout_fault(self, batch: Rollout) -> str | None:
         """What in the rollout is non-finite (counted over every process, so all agree), or None."""
         real = batch.response_mask.bool()
-        per_token = {"log-probs of the policy": batch.old_logprobs, "log-probs of the reference": batch.ref_logprobs,
-                     "value estimates of the critic": batch.old_values}
+        per_token = {"log-probs of the policy": batch.old_logprobs, "log-probs of the reference": batch.ref_logprobs}
+        if batch.old_values is not None:
+            per_token["value estimates of the critic"] = batch.old_values
         if batch.anchor_logprobs is not None:
             per_token["log-probs of the previous task's policy"] = batch.anchor_logprobs
         bad_score = ~torch.isfinite(batch.raw_scores)
@@ -485,13 +497,20 @@ class PPOTrainer:
         with self.accelerator.autocast():
             logits, values = self.model(input_ids, attention_mask, response_ids.shape[1], value_rows=rows)
         every_logprob = core.logprobs_from_logits(logits, response_ids, temperature)
-        logits, values, logprobs = logits[:rows, :width], values[:, :width], every_logprob[:rows, :width]
+        logits, logprobs = logits[:rows, :width], every_logprob[:rows, :width]
         mask = mb.response_mask
         pg, pg_stats = core.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, pcfg.clip,
                                         mb.loss_weights["policy"], denominators["policy"])
-        vf, vf_stats = core.value_loss(values, mb.old_values, mb.returns, mask, pcfg.value_clip,
-                                       mb.loss_weights["value"], denominators["value"])
-        terms = {"policy": (1.0, pg), "value": (pcfg.vf_coef, vf), **self.extra_losses(mb, logprobs, denominators)}
+        terms = {"policy": (1.0, pg)}
+        stats = {"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}
+        if values is not None:
+            vf, vf_stats = core.value_loss(values[:, :width], mb.old_values, mb.returns, mask, pcfg.value_clip,
+                                           mb.loss_weights["value"], denominators["value"])
+            terms["value"] = (pcfg.vf_coef, vf)
+            stats["value/clipfrac"] = vf_stats["clipfrac"]
+        if pcfg.kl_in == "loss":  # GRPO's KL term (SPEC §9), token mean over the whole mini-batch
+            terms["kl"] = (self.kl_coef, core.k3_loss(logprobs, mb.ref_logprobs, mask, denominators["tokens"]))
+        terms.update(self.extra_losses(mb, logprobs, denominators))
         if memory is not None:
             mcfg = self.config.memory
             term = torch.zeros((), device=logprobs.device) if entries is None else retention_loss(
@@ -502,9 +521,7 @@ class PPOTrainer:
             terms["reg"] = (self.config.continual.reg_coef,
                             self.regularizer.penalty(self, mb, logits, denominators["tokens"], last_micro))
         loss = sum(coef * term for coef, term in terms.values())
-        stats = {f"loss/{name}": term.detach() for name, (_, term) in terms.items()}
-        stats.update({"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
-                      "value/clipfrac": vf_stats["clipfrac"]})
+        stats.update({f"loss/{name}": term.detach() for name, (_, term) in terms.items()})
         return loss, stats
 
     # ----------------------------------------------------------------------------- checkpointing
@@ -602,6 +619,8 @@ class PPOTrainer:
             original.save_pretrained(directory / "policy")
         self.tokenizer.save_pretrained(directory / "policy")
         value_model = model.value_model
+        if value_model is None:  # critic-free (SPEC §9)
+            return
         if self.config.model.value_lora_r > 0:  # the next task's critic loads from a plain directory
             value_model = copy.deepcopy(value_model).merge_and_unload()
         value_model.save_pretrained(directory / "value_model")

@@ -256,11 +256,11 @@ def test_sigkill_and_resume_with_memory_across_a_task_boundary_is_bit_identical(
 
 @pytest.mark.slow
 def test_two_processes_give_the_losses_and_gradient_of_one_on_the_same_rollouts(tmp_path):
-    """tests/memory_loss_script.py: 5 memory entries split 3 + 2 over processes and again over micro-batches;
+    """tests/fixed_batch_step_script.py: 5 memory entries split 3 + 2 over processes and again over micro-batches;
     the memory term's denominator is the whole memory batch's, so the split changes nothing but rounding."""
     settings = ["algo=cppo", "cppo.kr_source=both", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
                 "ppo.ppo_epochs=1", "memory.batch_size=5", "ppo.max_grad_norm=null", f"output_dir={tmp_path / 'o'}"]
-    script, config = str(ROOT / "tests" / "memory_loss_script.py"), str(ROOT / "configs" / "cppo_tiny.yaml")
+    script, config = str(ROOT / "tests" / "fixed_batch_step_script.py"), str(ROOT / "configs" / "cppo_tiny.yaml")
     results = []
     for launch, extra in (([PYTHON], []),
                           ([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],

@@ -1,5 +1,7 @@
-"""Run under `accelerate launch` (or plain python): one CPPO step with memory KR on a fixed rollout batch and a
-fixed memory, through the trainer's real `step` (the rollout is replaced by the fixed batch's share).
+"""Run under `accelerate launch` (or plain python): one step on a fixed rollout batch (and, when the config uses
+one, a fixed rollout memory), through the trainer's real `step` (the rollout is replaced by the fixed batch's
+share). Without a critic (SPEC §9) the batch has no values; its 8 rows are 4 prompts' groups of 2 (G = 2), or 2
+groups of 4, each process holding whole groups.
 
 Rank 0 writes the step's loss terms and the gradient of its one update (rollout_batch_size = mini_batch_size)
 to the JSON file named on the command line: the same on any number of processes and micro-batches.
@@ -49,19 +51,22 @@ def local(x: torch.Tensor) -> torch.Tensor:
     return (x[:, :local_width] if x.dim() == 2 else x).to(acc.device)
 
 
+critic = trainer.unwrapped.value_model is not None
 batch = Rollout(prompt_ids=local(prompt_ids), prompt_mask=local(prompt_mask), response_ids=local(response_ids),
                 response_mask=local(response_mask), stopped=local(torch.ones(total, dtype=torch.bool)),
-                old_logprobs=local(old_logprobs), ref_logprobs=local(ref_logprobs), old_values=local(old_values),
+                old_logprobs=local(old_logprobs), ref_logprobs=local(ref_logprobs),
+                old_values=local(old_values) if critic else None,
                 entropy=local(torch.zeros(total, width)), raw_scores=local(scores),
                 task=local(torch.zeros(total, dtype=torch.long)))
 trainer.make_rollout = lambda: (batch, 0.0)
 
 # Six remembered responses of an earlier task (the same on every process, as after a gathered build).
-memory = RolloutMemory(trainer.config.memory, trainer.config.seed)
-memory.add([Entry(task=0, prompt_ids=tokens(2 + i).tolist(), response_ids=tokens(1 + (3 * i) % 7).tolist(),
-                  logprobs=(-2.5 + 0.3 * torch.randn(1 + (3 * i) % 7, generator=generator)).tolist(),
-                  logprob_mean=-2.5, reward=0.5, type=1 + i % 5, beta=0.5 + 0.25 * i) for i in range(6)])
-trainer.memory = memory
+if trainer.config.uses_memory:
+    memory = RolloutMemory(trainer.config.memory, trainer.config.seed)
+    memory.add([Entry(task=0, prompt_ids=tokens(2 + i).tolist(), response_ids=tokens(1 + (3 * i) % 7).tolist(),
+                      logprobs=(-2.5 + 0.3 * torch.randn(1 + (3 * i) % 7, generator=generator)).tolist(),
+                      logprob_mean=-2.5, reward=0.5, type=1 + i % 5, beta=0.5 + 0.25 * i) for i in range(6)])
+    trainer.memory = memory
 
 gradients = []
 optimizer_step = trainer.backend.optimizer_step
@@ -77,7 +82,8 @@ stats = trainer.step()
 if acc.is_main_process:
     with open(out_path, "w") as f:
         json.dump({"losses": {k: v for k, v in stats.items() if k.startswith("loss/")},
-                   "retrieved": stats["memory/retrieved/vowels"], "gradient": gradients[0].tolist(),
+                   "retrieved": stats.get("memory/retrieved/vowels"), "gradient": gradients[0].tolist(),
+                   "parameters": sum(p.numel() for p in trainer.unwrapped.parameters()),
                    "processes": acc.num_processes}, f)
 acc.wait_for_everyone()
 acc.end_training()

@@ -1,0 +1,228 @@
+"""Critic-free advantages (SPEC §9): RLOO, GRPO and REINFORCE++ by hand, groups of G responses per prompt,
+and runs without a value model: nothing of a critic is built, trained, logged, checkpointed or saved."""
+
+import json
+import math
+import signal
+import subprocess
+
+import pytest
+import torch
+from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
+
+from cppo import core
+from cppo.config import UserError, load_config
+
+CPPO_TINY = str(ROOT / "configs" / "cppo_tiny.yaml")
+
+
+# --- the estimators, by hand -------------------------------------------------------------------------------
+
+
+def close(actual: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype))
+
+
+def test_rloo_subtracts_the_mean_of_the_other_responses_of_the_group():
+    # G = 2: each response's baseline is the other one
+    assert core.rloo_advantages(torch.tensor([0.9, 0.1, 0.5, 0.5]), 2).tolist() == pytest.approx(
+        [0.8, -0.8, 0.0, 0.0])
+    # G = 4 with ties: for 1.0 the others average (1 + 1 + 3) / 3
+    assert core.rloo_advantages(torch.tensor([1.0, 1.0, 1.0, 3.0]), 4).tolist() == pytest.approx(
+        [-2 / 3, -2 / 3, -2 / 3, 2.0])
+    # groups never mix: the second group is all ties
+    assert core.rloo_advantages(torch.tensor([2.0, 0.0, 5.0, 5.0]), 2).tolist() == pytest.approx([2, -2, 0, 0])
+
+
+def test_grpo_normalises_within_the_group_and_gives_0_to_a_group_of_equal_rewards():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0])  # G = 2: the second group has zero variance
+    scaled = core.grpo_advantages(rewards, 2, scale=True)
+    std = math.sqrt(2.0)  # unbiased std of (1, 3)
+    assert scaled.tolist() == pytest.approx([-1 / (std + 1e-4), 1 / (std + 1e-4), 0.0, 0.0])
+    assert torch.isfinite(scaled).all()
+    assert core.grpo_advantages(rewards, 2, scale=False).tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
+    # G = 4 with a tie: (R − 1.5) / std(1, 1, 1, 3)
+    four = core.grpo_advantages(torch.tensor([1.0, 1.0, 1.0, 3.0]), 4)
+    std = math.sqrt((3 * 0.5 ** 2 + 1.5 ** 2) / 3)
+    assert four.tolist() == pytest.approx([-0.5 / (std + 1e-4)] * 3 + [1.5 / (std + 1e-4)])
+
+
+def test_sequence_estimators_use_the_shaped_return_and_broadcast_it_over_the_response_only():
+    scores = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.5, 0.5, 9.0], [1.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # padding after each response; its KL must not count
+    rewards = core.shaped_rewards(scores, kl, mask, kl_coef=0.1)  # R = 1 − 0.1 · (0.5 + 0.5), 0 − 0.1 · 1
+    advantages, returns = core.advantages("rloo", rewards, mask, group_size=2)
+    assert returns is None
+    close(advantages, [[1.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+    advantages, _ = core.advantages("grpo", rewards, mask, group_size=2, scale_rewards=False)
+    close(advantages, [[0.5, 0.5, 0.0], [-0.5, 0.0, 0.0]])
+
+
+def test_reinforce_pp_returns_to_go_by_hand():
+    rewards = torch.tensor([[-0.1, -0.2, 1.0, 7.0], [0.5, -0.5, 3.0, 3.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    advantages, returns = core.advantages("reinforce_pp", rewards, mask)
+    assert returns is None
+    close(advantages, [[0.7, 0.8, 1.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
+
+
+def test_grpo_kl_loss_is_the_token_mean_of_k3_with_its_gradient():
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0], [-0.5, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss = core.k3_loss(logprobs, ref, mask)
+    d = -0.5  # ref − logprob of the one token that differs
+    assert loss.item() == pytest.approx((math.exp(d) - d - 1) / 3)
+    loss.backward()
+    # d k3 / d logprob = 1 − exp(ref − logprob), / 3 tokens; 0 on the padding
+    close(logprobs.grad, [[(1 - math.exp(d)) / 3, 0.0], [0.0, 0.0]])
+
+
+# --- config -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["ppo.advantage=rloo"], "generation.num_generations"),  # G = 1 has no leave-one-out baseline
+    (["ppo.advantage=grpo", "generation.num_generations=1"], "generation.num_generations"),
+    (["ppo.advantage=rloo", "generation.num_generations=3"], "ppo.rollout_batch_size"),  # 32 % 3
+    (["ppo.advantage=rloo", "generation.num_generations=4", "ppo.kl_in=loss"], "ppo.kl_in"),
+    (["generation.num_generations=4", "generation.batch_size=6"], "generation.batch_size"),
+    (["ppo.advantage=a2c"], "ppo.advantage"),
+])
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        load_config(CPPO_TINY, overrides)
+
+
+def test_groups_must_not_be_split_across_processes():
+    with pytest.raises(UserError, match=r"ppo\.rollout_batch_size"):
+        load_config(CPPO_TINY, ["ppo.advantage=grpo", "generation.num_generations=8", "ppo.rollout_batch_size=8",
+                                "ppo.mini_batch_size=4"], num_processes=2)
+
+
+# --- the trainer without a critic ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+def test_a_critic_free_trainer_has_no_value_model_and_groups_responses_by_prompt(tmp_path, estimator):
+    from cppo.continual import build_trainer
+
+    extra = ["ppo.kl_in=loss"] if estimator == "grpo" else []
+    config = load_config(CPPO_TINY, [*quick_overrides(tmp_path / "o", steps=1), f"ppo.advantage={estimator}",
+                                     "generation.num_generations=4", *extra])
+    trainer = build_trainer(config)
+    assert trainer.unwrapped.value_model is None and len(trainer.optimizer.param_groups) == 1
+    assert sum(p.numel() for p in trainer.unwrapped.parameters()) == sum(
+        p.numel() for p in trainer.unwrapped.policy.parameters())
+    batch, _ = trainer.make_rollout()
+    assert batch.old_values is None and batch.prompt_ids.shape[0] == 8  # 2 prompts × G = 4
+    groups = batch.prompt_ids.view(2, 4, -1)
+    assert (groups == groups[:, :1]).all() and not torch.equal(groups[0, 0], groups[1, 0])
+    stats = trainer.step()
+    assert not any(k.startswith("value/") or k == "loss/value" for k in stats)
+    assert ("loss/kl" in stats) == (estimator == "grpo") and math.isfinite(stats["loss/total"])
+    trainer.save_models(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["policy"]
+
+
+def test_gae_with_several_responses_per_prompt_keeps_its_critic(tmp_path):
+    from cppo.continual import build_trainer
+
+    trainer = build_trainer(load_config(CPPO_TINY, [*quick_overrides(tmp_path / "o", steps=1),
+                                                    "generation.num_generations=2"]))
+    assert trainer.unwrapped.value_model is not None
+    stats = trainer.step()
+    assert "loss/value" in stats and "value/clipfrac" in stats
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cppo_rloo_tiny_learns_without_a_critic(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([PYTHON, "-m", "cppo", "train", str(ROOT / "configs" / "cppo_rloo_tiny.yaml"),
+                             f"output_dir={out}"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == 40 and "cppo/frac_r1" in rows[0] and "loss/value" not in rows[0]
+    first, last = (sum(r["reward/mean"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+    assert last > first + 0.3, (first, last)
+    assert (out / "policy").is_dir() and not (out / "value_model").exists()
+    assert not (out / "task_1_vowels" / "value_model").exists()
+
+
+CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
+RESUME = ["tasks.0.steps=4", "tasks.1.steps=4", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+          "ppo.ppo_epochs=2", "generation.max_new_tokens=8", "eval.max_prompts=8", "save_steps=2",
+          "save_total_limit=null", "ppo.advantage=grpo", "generation.num_generations=4", "ppo.kl_in=loss",
+          "cppo.kr_source=both", "memory.build_prompts=4", "memory.build_samples=2"]
+
+
+def train(out, *extra, failpoint=None):
+    env = subprocess_env()
+    if failpoint:
+        env["CPPO_FAILPOINT"] = failpoint
+    return subprocess.run([PYTHON, "-m", "cppo", "train", CONTINUAL, f"output_dir={out}", *RESUME, *extra], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_critic_free_continual_run_killed_in_its_second_task_resumes_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(straight).returncode == 0
+    killed = train(resumed, failpoint="step:7:mid")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert train(resumed, "--resume").returncode == 0
+    for task in ("task_1_vowels", "task_2_digits"):
+        assert sorted(p.name for p in (straight / task).iterdir() if p.is_dir()) == ["policy"]
+        a = load_file(straight / task / "policy" / "model.safetensors")
+        b = load_file(resumed / task / "policy" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), task
+
+    def untimed(out):
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"}
+                for r in read_rows(out)]
+
+    rows = untimed(straight)
+    assert rows == untimed(resumed) and len(rows) == 8
+    assert rows[-1]["loss/memory"] > 0 and "loss/kl" in rows[-1] and "loss/value" not in rows[-1]
+    assert json.loads((straight / "eval_matrix.json").read_text()) == json.loads(
+        (resumed / "eval_matrix.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", [
+    ["ppo.advantage=rloo", "generation.num_generations=2"],
+    ["ppo.advantage=grpo", "generation.num_generations=4", "ppo.kl_in=loss"],
+    ["ppo.advantage=reinforce_pp", "generation.num_generations=2"],
+])
+def test_two_processes_give_the_losses_and_gradient_of_one_without_a_critic(tmp_path, estimator):
+    """tests/fixed_batch_step_script.py: one step on fixed rollouts, each process holding whole groups; the
+    group baselines need no gather, REINFORCE++'s whitening is over the global batch."""
+    settings = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1", "ppo.max_grad_norm=null",
+                "cppo.kr_source=both", "memory.batch_size=5", f"output_dir={tmp_path / 'o'}", *estimator]
+    results = []
+    for launch, extra in (([PYTHON], []),
+                          ([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
+                           ["ppo.gradient_accumulation_steps=2"])):
+        out = tmp_path / f"{len(results)}.json"
+        result = subprocess.run([*launch, str(ROOT / "tests" / "fixed_batch_step_script.py"), str(out), CPPO_TINY,
+                                 *settings, *extra], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    one, two = results
+    assert two["processes"] == 2 and "loss/value" not in one["losses"] and one["losses"]["loss/policy"] != 0
+    assert one["losses"].keys() == two["losses"].keys()
+    for name, value in one["losses"].items():
+        assert two["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    torch.testing.assert_close(torch.tensor(two["gradient"]), torch.tensor(one["gradient"]), atol=1e-5, rtol=1e-4)
