@@ -11,6 +11,10 @@ reference, a critic and a reward model all from one checkpoint, 1 epoch of 2 min
   trl    trl 1.12's `trl.experimental.ppo.PPOTrainer` (the last PPO trainer trl shipped), installed by
          pip into its own directory (--trl-dir): the project's own trl is not touched.
   cppo   `CPPOTrainer.step()` on the equivalent config (algo: cppo, heuristic weighting).
+  cppo-rloo, cppo-grpo, cppo-reinforce_pp
+         the same with a critic-free estimator (`ppo.advantage`, SPEC §9): no critic is built, run or
+         trained. Compare them with `cppo` (GAE) at the same `--generations` G (responses per prompt;
+         the responses per step and their lengths do not change, so neither does the sampling work).
 
 Each runs in its own process, loaded once; the coordinator asks them for one step in turn (the order
 rotates each round), so one computes at a time and machine noise hits all alike. Timing wrappers
@@ -23,6 +27,8 @@ floor, and the peak memory of its process (resident set on CPU, allocated tensor
     python scripts/benchmark_step.py                                  # all three models, on CPU
     python scripts/benchmark_step.py --models smollm2-135m --rounds 8
     python scripts/benchmark_step.py --precision bf16 --out docs/results/step_cuda.json   # on a GPU
+    python scripts/benchmark_step.py --impls cppo cppo-rloo cppo-grpo --generations 4 --models tiny-gpt2 \
+        smollm2-135m --out docs/results/estimators_cpu.json           # GAE against the critic-free estimators
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TRL_VERSION = "1.12.0"
-IMPLS = ("cppo", "trl", "floor")
+IMPLS = ("cppo", "trl", "floor", "cppo-rloo", "cppo-grpo", "cppo-reinforce_pp")
 PHASES = ("generate", "rollout_forward", "train_forward_backward", "optimizer")
 BATCH, MINI_BATCH, NEW_TOKENS, LEARNING_RATE = 8, 4, 16, 1e-5
 # model name -> (policy source, prompt length in tokens)
@@ -148,11 +154,12 @@ def cppo_worker(args, phases_for):
         "tasks": [{"name": "bench", "reward": {"model": source},
                    "prompts": {"path": str(prompts_path), "max_prompt_length": args.prompt_length,
                                "long_prompts": "truncate"}}],
-        "generation": {"max_new_tokens": NEW_TOKENS, "stop_token": None},
-        "ppo": {"steps": 100000, "rollout_batch_size": BATCH, "mini_batch_size": MINI_BATCH, "ppo_epochs": 1,
+        "generation": {"max_new_tokens": NEW_TOKENS, "stop_token": None, "num_generations": args.generations},
+        "ppo": {"advantage": args.worker.partition("-")[2] or "gae",
+                "steps": 100000, "rollout_batch_size": BATCH, "mini_batch_size": MINI_BATCH, "ppo_epochs": 1,
                 "learning_rate": LEARNING_RATE, "value_learning_rate": LEARNING_RATE, "max_grad_norm": None},
     }
-    path = workdir / f"cppo-{Path(source).name}.yaml"
+    path = workdir / f"{args.worker}-{Path(source).name}.yaml"
     path.write_text(yaml.safe_dump(config))
     trainer = build_trainer(load_config(str(path)))
     phases = phases_for(trainer.device)
@@ -370,7 +377,7 @@ def worker(args) -> None:
     if args.worker == "trl":
         device = trl_worker(args, Phases, channel)
     else:
-        step, phases, device, info = (cppo_worker if args.worker == "cppo" else floor_worker)(args, Phases)
+        step, phases, device, info = (cppo_worker if args.worker.startswith("cppo") else floor_worker)(args, Phases)
         channel.send(ready=True, device=str(device), **info)
         while channel.receive() == "step":
             phases.take()
@@ -387,7 +394,7 @@ class Worker:
     def __init__(self, impl: str, args, policy: str, prompt_length: int, env: dict):
         command = [sys.executable, __file__, "--worker", impl, "--policy", policy,
                    "--prompt-length", str(prompt_length), "--workdir", args.workdir, "--device", args.device,
-                   "--precision", args.precision]
+                   "--precision", args.precision, "--generations", str(args.generations)]
         self.impl = impl
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                         stderr=None if args.verbose else subprocess.DEVNULL)
@@ -467,7 +474,7 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
                    **({"generation_logprob_gap": ready[impl]["generation_logprob_gap"]}
                       if "generation_logprob_gap" in ready[impl] else {}),
                    "device": ready[impl]["device"], "step_s": times[impl], "phases_s": phases[impl]}
-        for other in ("trl", "floor"):
+        for other in ("trl", "floor", "cppo"):
             if other in workers and other != impl:
                 figures[f"ratio_to_{other}"] = statistics.median(
                     a / b for a, b in zip(times[impl], times[other], strict=True))
@@ -476,14 +483,16 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | implementation | step (median) | vs trl 1.12 | vs floor | generate | rollout fwd | "
-             "train fwd+bwd | optimiser | rest | peak memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | implementation | step (median) | vs trl 1.12 | vs floor | vs cppo (GAE) | generate | "
+             "rollout fwd | train fwd+bwd | optimiser | rest | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model in result["models"].items():
         for impl, f in model["implementations"].items():
             p = f["phases_median_s"]
-            ratio = {k: f"{f[k]:.2f}×" if k in f else "" for k in ("ratio_to_trl", "ratio_to_floor")}
+            ratio = {k: f"{f[k]:.2f}×" if k in f else "" for k in ("ratio_to_trl", "ratio_to_floor", "ratio_to_cppo")}
             lines.append(f"| {name} ({model['parameters'] / 1e6:.2f} M) | {impl} | {f['median_step_s']:.3f} s | "
-                         f"{ratio['ratio_to_trl']} | {ratio['ratio_to_floor']} | {p['generate']:.3f} | "
+                         f"{ratio['ratio_to_trl']} | {ratio['ratio_to_floor']} | {ratio['ratio_to_cppo']} | "
+                         f"{p['generate']:.3f} | "
                          f"{p['rollout_forward']:.3f} | {p['train_forward_backward']:.3f} | {p['optimizer']:.3f} | "
                          f"{p['rest']:.3f} | {f['peak_memory_mib']:.0f} MiB |")
     return "\n".join(lines)
@@ -524,6 +533,8 @@ def main() -> None:
                         help="bf16: autocast with fp32 weights, in all three")
     parser.add_argument("--workdir", default="/tmp/cppo-benchmark-step")
     parser.add_argument("--trl-dir", default=None, help=f"where trl {TRL_VERSION} is installed (default: the cache)")
+    parser.add_argument("--generations", type=int, default=1,
+                        help="G responses per prompt for cppo's workers (prompts per step: 8 / G)")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--verbose", action="store_true", help="show the workers' own output")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -546,7 +557,8 @@ def main() -> None:
         ensure_trl(trl_dir)
     result = {"date": datetime.date.today().isoformat(), "machine": machine(args.device), "versions": versions(),
               "precision": args.precision, "rounds": args.rounds, "warmup": args.warmup,
-              "workload": {"prompts_per_step": BATCH, "new_tokens": NEW_TOKENS, "ppo_epochs": 1,
+              "workload": {"responses_per_step": BATCH, "generations_per_prompt": args.generations,
+                           "new_tokens": NEW_TOKENS, "ppo_epochs": 1,
                            "mini_batches": BATCH // MINI_BATCH, "models": "policy, reference, critic and reward "
                            "model from one checkpoint"},
               "models": {}}

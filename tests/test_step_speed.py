@@ -90,3 +90,25 @@ def test_step_benchmark_measures_all_three(tmp_path):
     assert impls["cppo"]["optimizer"] == "AdamW (fused)" == impls["floor"]["optimizer"]
     assert 0 <= impls["floor"]["generation_logprob_gap"] < 1e-3
     assert "| tiny-gpt2 (0.12 M) | cppo |" in run.stdout
+
+
+@pytest.mark.slow
+def test_step_benchmark_compares_gae_with_the_critic_free_estimators(tmp_path):
+    """GAE (`cppo`) against RLOO and GRPO at the same G = 4 responses per prompt: each worker its own process
+    (its own peak memory), steps in turns, ratios to GAE's step in the same round."""
+    out = tmp_path / "estimators.json"
+    run = subprocess.run(
+        [PYTHON, str(ROOT / "scripts" / "benchmark_step.py"), "--models", "tiny-gpt2", "--impls", "cppo", "cppo-rloo",
+         "cppo-grpo", "--generations", "4", "--rounds", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"),
+         "--out", str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["workload"]["generations_per_prompt"] == 4
+    impls = result["models"]["tiny-gpt2"]["implementations"]
+    assert set(impls) == {"cppo", "cppo-rloo", "cppo-grpo"}
+    for name in ("cppo-rloo", "cppo-grpo"):
+        assert impls[name]["ratio_to_cppo"] > 0 and impls[name]["peak_memory_mib"] > 100
+    for name in ("cppo-rloo", "cppo-grpo"):  # the worker's config: no critic, G = 4
+        config = next((tmp_path / "work").glob(f"{name}-tiny-gpt2*.yaml")).read_text()
+        assert f"advantage: {name.removeprefix('cppo-')}" in config and "num_generations: 4" in config
+    assert "| tiny-gpt2 (0.12 M) | cppo-rloo |" in run.stdout
