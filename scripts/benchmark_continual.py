@@ -84,8 +84,10 @@ def analyse(rows: list[dict], variants: list[str]) -> tuple[dict, dict, dict]:
                      for k, runs in tried.items()}
             memory = any(o in ("cppo.kr_source=memory", "cppo.kr_source=both")
                          for runs in tried.values() for o in runs[0]["overrides"])
+            critic_free = any(o.startswith("ppo.advantage=") and o != "ppo.advantage=gae"
+                              for runs in tried.values() for o in runs[0]["overrides"])
             tuning[variant] = {"knob": knob, "means": means, "chosen": chosen.get(variant),
-                               "reported": variant in results, "memory": memory}
+                               "reported": variant in results, "memory": memory, "critic_free": critic_free}
     return results, tuning, chosen
 
 
@@ -175,7 +177,7 @@ def write_markdown(meta: dict, results: dict, tuning: dict, chosen: dict, span: 
                          f"{x['forgetting'] - (slope * x['plasticity'] + intercept):+.2f} |")
     correlation = statistics.correlation([x["plasticity"] for x in points], [x["forgetting"] for x in points])
     lines += ["", f"residual: forgetting minus the line fitted through the {len(points)} tuning points of the methods "
-              f"without the rollout memory, forgetting = {slope:.2f} × plasticity {intercept:+.2f} "
+              f"with GAE and without the rollout memory, forgetting = {slope:.2f} × plasticity {intercept:+.2f} "
               f"(r = {correlation:.2f}); below zero, a method forgets less than that common trade-off at its "
               "plasticity.",
               "", "![forgetting against plasticity](tradeoff.png)"]
@@ -184,8 +186,8 @@ def write_markdown(meta: dict, results: dict, tuning: dict, chosen: dict, span: 
 
 def line_points(tuning: dict) -> list[dict]:
     """The tuning points the common forgetting–plasticity line is fitted through: every method's but those
-    with the rollout memory (whose distance from the line is the question)."""
-    return [x for t in tuning.values() if not t.get("memory") for x in t["means"].values()]
+    with the rollout memory or a critic-free estimator (whose distance from the line is the question)."""
+    return [x for t in tuning.values() if not (t.get("memory") or t.get("critic_free")) for x in t["means"].values()]
 
 
 def plot_tradeoff(tuning: dict, path: Path) -> None:
@@ -212,10 +214,12 @@ def plot_tradeoff(tuning: dict, path: Path) -> None:
             continue
         if t["knob"] is None:
             point = t["means"][None]
-            ax.scatter([point["plasticity"]], [point["forgetting"]], marker="*", s=180, zorder=3, label=method)
+            ax.scatter([point["plasticity"]], [point["forgetting"]], marker="P" if t.get("critic_free") else "*",
+                       s=180, zorder=3, label=method)
             continue
         points = sorted(t["means"].items())
         style = {"linestyle": "-", "linewidth": 2.5, "marker": "D"} if t.get("memory") else \
+            {"linestyle": "-.", "linewidth": 2, "marker": "s"} if t.get("critic_free") else \
             {"linestyle": "-" if method.startswith("cppo") else "--", "marker": "o"}
         ax.plot([x["plasticity"] for _, x in points], [x["forgetting"] for _, x in points], label=method, **style)
         for value, x in points:
@@ -227,7 +231,7 @@ def plot_tradeoff(tuning: dict, path: Path) -> None:
         slope, intercept = statistics.linear_regression(plasticity, [x["forgetting"] for x in fitted])
         ends = [min(plasticity), max(plasticity)]
         ax.plot(ends, [slope * p + intercept for p in ends], color="grey", alpha=0.5, linewidth=6, zorder=0,
-                label="line through the methods without memory")
+                label="line through the GAE methods without memory")
     ax.set_xlabel("plasticity (mean S[j][j] − S[j−1][j])")
     ax.set_ylabel("forgetting")
     ax.set_title("Forgetting against plasticity over each method's grid (tuning seeds)")

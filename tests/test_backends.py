@@ -122,6 +122,31 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
     assert all(torch.equal(policy[k], v) for k, v in weights(straight, "policy").items())
 
 
+CRITIC_FREE = ["ppo.advantage=grpo", "generation.num_generations=2", "ppo.kl_in=loss"]
+
+
+@pytest.fixture(scope="module")
+def ddp_critic_free_run(tmp_path_factory):
+    return ddp_reference(tmp_path_factory, "ddp_critic_free", *CRITIC_FREE)
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("backend", SHARDED_RUNS)
+def test_a_critic_free_run_matches_ddp_without_any_value_model(backend, ddp_critic_free_run, tmp_path):
+    """GRPO with its KL as a loss term (SPEC §9) and the memory term: the back end wraps the policy alone."""
+    out = tmp_path / "out"
+    result = launch(backend, out, *CRITIC_FREE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = metrics(out), metrics(ddp_critic_free_run)
+    assert [r["reward/mean"] for r in ours] == [r["reward/mean"] for r in theirs]
+    for key in ("loss/policy", "loss/kl", "loss/memory", "policy/grad_norm"):
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-4, abs=1e-6), key
+    assert "loss/value" not in ours[-1] and theirs[-1]["loss/memory"] > 0
+    assert largest_difference(weights(out, "policy"), weights(ddp_critic_free_run, "policy")) <= WEIGHT_TOLERANCE
+    for run in (out, ddp_critic_free_run):
+        assert not (run / "task_2_digits" / "value_model").exists()
+
+
 LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "model.value_lora_r=4",
             "ppo.gradient_accumulation_steps=2",
             "ppo.max_grad_norm=0.5", "ppo.ppo_epochs=1", "ppo.lr_scheduler=linear", "model.gradient_checkpointing=true"]

@@ -17,7 +17,7 @@ from cppo.sweep import load_sweep, resolve, run_sweep, settings
 SWEEP = ROOT / "configs" / "sweeps" / "benchmark_continual.yaml"
 TUNED = ["cppo_heuristic", "cppo_balance", "cppo_learned", "cppo_alpha_one", "cppo_beta_one", "cppo_kr_rollout",
          "l2", "ewc", "mas", "lwf", "cppo_memory", "ppo_memory", "ppo_memory_small", "cppo_memory_both",
-         "cppo_memory_similar", "memory_replay"]
+         "cppo_memory_similar", "memory_replay", "cppo_rloo"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_the_protocol_tunes_every_method_on_the_tuning_seeds_from_a_grid_of_thre
     trials = resolve(sweep, benchmark_sweep, settings(sweep, benchmark_sweep), sweep.seeds, "search")
     per_variant = Counter(t.variant for t in trials)
     assert all(per_variant[m] == 3 * 2 for m in TUNED)
-    assert per_variant["ppo"] == per_variant["cppo_beta_zero"] == per_variant["joint"] == 2
+    assert per_variant["ppo"] == per_variant["cppo_beta_zero"] == per_variant["joint"] == per_variant["ppo_rloo"] == 2
     assert per_variant["ppo_lr"] == 2 * 2 and not sweep.variants["ppo_lr"].confirm
-    assert len(trials) == 106
+    assert len(trials) == 114
     balance = next(t for t in trials if t.name == "cppo_balance-kr_coef=0.03-seed101")
     assert (balance.config["algo"], balance.config["cppo"]["weighting"], balance.config["cppo"]["kr_coef"],
             balance.config["seed"]) == ("cppo", "balance", 0.03, 101)
@@ -65,7 +65,7 @@ def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, b
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
     assert run_sweep(benchmark_sweep, jobs=2) == 0
     calls = (tmp_path / "calls.jsonl").read_text().splitlines()
-    assert len(calls) == 106 + 19 * 5  # every method but ppo_lr on the five reported seeds
+    assert len(calls) == 114 + 21 * 5  # every method but ppo_lr on the five reported seeds
     out = tmp_path / "docs"
     monkeypatch.setattr(sys, "argv", ["benchmark_continual.py", "--report", "--sweep", str(benchmark_sweep),
                                       "--out", str(out)])
@@ -81,14 +81,17 @@ def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, b
     tuning = results["meta"]["tuning"]
     assert "joint" not in tuning and "joint" in results["results"]  # no forgetting: reported, not on the plot
     assert "ppo_lr" in tuning and "ppo_lr" not in results["results"]
-    # the common line is fitted without the rollout memory's methods: their distance from it is the question
+    # the common line is fitted without the rollout memory's and the critic-free methods: their distance from
+    # it is the question
     assert tuning["ppo_memory"]["memory"] and tuning["memory_replay"]["memory"]
     assert not tuning["cppo_heuristic"]["memory"] and not tuning["ppo_lr"]["memory"]
+    assert tuning["cppo_rloo"]["critic_free"] and tuning["ppo_rloo"]["critic_free"]
+    assert not tuning["cppo_memory"]["critic_free"] and not tuning["ppo"]["critic_free"]
     assert len(bench.line_points(tuning)) == len([x for m, t in tuning.items() if "memory" not in m
-                                                  for x in t["means"].values()])
+                                                  and "rloo" not in m for x in t["means"].values()])
     assert tuning["cppo_heuristic"]["means"]["0.01"]["final_average"] == pytest.approx(101.5 + 0.1)
     report = (out / "results.md").read_text()
-    assert "tuning points of the methods without the rollout memory" in report
+    assert "tuning points of the methods with GAE and without the rollout memory" in report
     assert "| cppo_heuristic | +4.000 ± 1.963 |" in report  # seeds 1..5 (mean 3) + 1; t(4) · s / √5 = 1.963
     assert "| cppo_heuristic | cppo.kr_coef=0.1 |" in report and (out / "tradeoff.png").stat().st_size > 0
 

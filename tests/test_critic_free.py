@@ -226,3 +226,25 @@ def test_two_processes_give_the_losses_and_gradient_of_one_without_a_critic(tmp_
     for name, value in one["losses"].items():
         assert two["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     torch.testing.assert_close(torch.tensor(two["gradient"]), torch.tensor(one["gradient"]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ["algo=ppo", "continual.regularizer=ewc", "continual.importance_samples=4"],
+    ["algo=ppo", "continual.regularizer=lwf"],
+    ["algo=ppo", "continual.regularizer=mas", "continual.importance_samples=4"],
+    ["algo=cppo", "cppo.weighting=learned", "cppo.kr_anchor=rollout"],
+    ["algo=cppo", "cppo.ablation=alpha_one", "cppo.kr_source=memory", "memory.build_prompts=4",
+     "memory.build_samples=2", "memory.retrieve=similar"],
+    ["algo=ppo", "continual.schedule=joint"],
+], ids=["ewc", "lwf", "mas", "cppo-learned", "ppo-memory", "joint"])
+def test_the_continual_methods_run_with_rloo(tmp_path, extra):
+    out = tmp_path / "run"
+    result = train(out, "tasks.0.steps=2", "tasks.1.steps=2", "save_steps=0", "ppo.advantage=rloo",
+                   "ppo.kl_in=reward", "cppo.kr_source=rollouts", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(out)
+    assert rows and all(math.isfinite(r["loss/total"]) and "loss/value" not in r for r in rows)
+    assert not list(out.rglob("value_model"))
+    if "continual.regularizer=ewc" in extra or "continual.regularizer=mas" in extra:
+        assert rows[-1]["loss/reg"] > 0
