@@ -1,0 +1,70 @@
+"""Non-finite values never reach the weights (`ppo.on_nonfinite`): the checks of a rollout and of one update,
+counted over every process so that all agree, and the one place that skips or stops."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .config import UserError
+from .rollout import Rollout
+
+
+class NonFiniteGuard:
+    """Mixed into the PPO trainer: it reads the trainer's config, accelerator, back end, rewards and step."""
+
+    def rollout_fault(self, batch: Rollout) -> str | None:
+        """What in the rollout is non-finite (counted over every process, so all agree), or None."""
+        real = batch.response_mask.bool()
+        per_token = {"log-probs of the policy": batch.old_logprobs, "log-probs of the reference": batch.ref_logprobs}
+        if batch.old_values is not None:
+            per_token["value estimates of the critic"] = batch.old_values
+        if batch.anchor_logprobs is not None:
+            per_token["log-probs of the previous task's policy"] = batch.anchor_logprobs
+        bad_score = ~torch.isfinite(batch.raw_scores)
+        counts = torch.stack([*((bad_score & (batch.task == j)).sum() for j in range(len(self.rewards))),
+                              *((~torch.isfinite(x) & real).any(-1).sum() for x in per_token.values())]).float()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        counts = [int(c) for c in counts.tolist()]
+        total, where = self.config.ppo.rollout_batch_size, f"step {self.global_step + 1}"
+        for j, count in enumerate(counts[:len(self.rewards)]):
+            if count:
+                return f"{where}: {self.rewards[j]} returned a non-finite score for {count} of {total} rollouts"
+        for name, count in zip(per_token, counts[len(self.rewards):], strict=True):
+            if count:
+                return f"{where}: the {name} are non-finite in {count} of {total} rollouts"
+        return None
+
+    def update_fault(self, update: dict[str, torch.Tensor]) -> str | None:
+        """Which loss terms (or the gradient norm) of one update are non-finite on any process, or None.
+        Under fp16 the loss scaler skips non-finite gradients itself."""
+        names = [k for k in update if k.startswith("loss/") and k != "loss/total"]
+        if self.accelerator.mixed_precision != "fp16" and "policy/grad_norm" in update:
+            names.append("policy/grad_norm")
+        bad = torch.stack([~torch.isfinite(torch.as_tensor(update[k])) for k in names]).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="max")
+        found = [name for name, flag in zip(names, bad.tolist(), strict=True) if flag]
+        if not found:
+            return None
+        terms = [n.removeprefix("loss/") for n in found if n.startswith("loss/")]
+        return f"loss term {', '.join(terms)} is" if len(terms) == 1 else \
+            f"loss terms {', '.join(terms)} are" if terms else "the gradient norm is"
+
+    def skip_or_stop(self, fault: str, update: bool = False) -> None:
+        """`on_nonfinite: stop` (or too many skips): one line, before anything reaches the weights."""
+        pcfg = self.config.ppo
+        cannot_skip = update and not self.backend.can_skip_update
+        if pcfg.on_nonfinite == "stop" or self.nonfinite_skips >= pcfg.max_nonfinite_skips or cannot_skip:
+            why = "" if pcfg.on_nonfinite == "stop" else \
+                f" ({self.backend.name} cannot drop an update after its backward)" if cannot_skip else \
+                f" ({self.nonfinite_skips} skipped before)"
+            raise UserError(f"{fault}{why}; stopped before the optimiser step: nothing non-finite reached the "
+                            "weights and the last checkpoint is intact (ppo.on_nonfinite: skip drops such "
+                            "steps and updates)")
+        self.nonfinite_skips += 1
+        if self.accelerator.is_main_process:
+            print(f"cppo: {fault}; skipped ({self.nonfinite_skips} of at most {pcfg.max_nonfinite_skips})",
+                  file=sys.stderr, flush=True)
