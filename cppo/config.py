@@ -40,7 +40,8 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer source; defaults to `policy`."""
     value_init: Literal["policy", "reward_model"] = "policy"
-    """Backbone of the critic: a copy of the policy, or of `reward.model` (its score head included)."""
+    """Backbone of the critic: a copy of the policy, or of `reward.model` (its score head included). The critic
+    exists with `ppo.advantage: gae` only; the critic-free estimators ignore the critic's fields."""
     value_model: str | None = None
     """Explicit critic to start from (a sequence-classification dir); overrides `value_init`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -305,7 +306,8 @@ class PPOConfig:
     kl_horizon: int = 10000
     """Adaptive KL: horizon in rollouts of the proportional controller."""
     whiten_advantages: bool = True
-    """Standardise advantages over the global rollout batch (response tokens only)."""
+    """Standardise GAE's advantages over the global rollout batch (response tokens only). `reinforce_pp` is
+    always whitened (its definition); `rloo` and `grpo` never are (their baselines are the group's)."""
     forward_batch_size: int | None = None
     """Sequences per no-grad forward pass at rollout time (log-probs, values); null = the local batch."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
