@@ -525,7 +525,7 @@ def machine(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=["cppo", "trl", "floor"])
     parser.add_argument("--rounds", type=int, default=6, help="measured steps of each implementation")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each before measuring")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there is one)")
@@ -548,6 +548,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if {"cppo-rloo", "cppo-grpo"} & set(args.impls) and args.generations < 2:
+        parser.error(f"--generations must be >= 2 for cppo-rloo and cppo-grpo (their baseline is the prompt's "
+                     f"other responses), got {args.generations}")
 
     from cppo.models import cache_dir
 
