@@ -198,7 +198,7 @@ def plot_tradeoff(tuning: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for method, t in tuning.items():
         if method == "ppo_lr":
             curve = sorted(t["means"].items())
@@ -235,7 +235,7 @@ def plot_tradeoff(tuning: dict, path: Path) -> None:
     ax.set_xlabel("plasticity (mean S[j][j] − S[j−1][j])")
     ax.set_ylabel("forgetting")
     ax.set_title("Forgetting against plasticity over each method's grid (tuning seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, not on them
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

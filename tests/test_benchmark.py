@@ -97,9 +97,10 @@ def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, b
 
 
 def test_the_sweep_runs_the_trials_of_the_committed_results(tmp_path, bench):
-    """docs/results/continual was measured by the runner the script had before sweeps: each run's config was
-    the demo's continual config with the method's overrides, its coefficient and its seed. The sweep's trials
-    are those configs (the tracker group and output_dir aside), for all 133 runs."""
+    """The runner the script had before sweeps (it measured the benchmark's first table, 2026-11-25) made each
+    run's config from the demo's continual config with the method's overrides, its coefficient and its seed.
+    For the methods it had, the sweep's trials are those configs (the tracker group and output_dir aside), at
+    the values docs/results/continual chose: 133 runs."""
     from cppo.demo import continual_config
 
     artifacts = {"data": tmp_path / "data", "sft": tmp_path / "sft",
