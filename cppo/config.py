@@ -187,6 +187,9 @@ class EvalConfig:
     """Decode with the initial checkpoint's own generation_config.json (its sampling, temperature, top-p,
     repetition penalty, ...), keeping `max_new_tokens` and the stop token; `greedy` and `temperature`
     are then unused. Off: evaluation decodes exactly as configured here, nothing from the checkpoint."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What decodes the evaluation prompts: transformers' `generate`, or the run's vLLM engine (the `vllm`
+    section). Greedy decoding gives the same answers with both, up to ties and float rounding."""
 
     def validate(self) -> None:
         _check(self.temperature > 0, "eval.temperature", self.temperature, "> 0")
@@ -241,6 +244,10 @@ class GenerationConfig:
     num_generations: int = 1
     """G: responses sampled per prompt, in one group (≥ 2 for `ppo.advantage: rloo | grpo`, whose baselines
     are the other responses of the group). Each process holds whole groups."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples the rollouts: transformers' `generate`, or a vLLM engine colocated in each process (the
+    `vllm` section; weights synchronised from the policy after every step). The log-probs of the PPO ratio
+    come from cppo's own forward pass with either (`vllm.logprobs`)."""
 
     def validate(self) -> None:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens", self.max_new_tokens, "> 0")
@@ -433,6 +440,46 @@ class MemoryConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The colocated vLLM engine of `generation.engine: vllm` / `eval.engine: vllm`: one per process, built
+    once per run from the initial policy, its weights loaded from the trained policy before it samples."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory vLLM may take (weights and KV cache); the rest is training's."""
+    kv_cache_memory_bytes: int | None = None
+    """A fixed KV-cache size in bytes instead of `gpu_memory_utilization` (required by vLLM's CPU build)."""
+    max_model_len: int | None = None
+    """Longest prompt + response vLLM plans for; null: the tasks' longest prompt + the longest response."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """vLLM's weights; auto: bfloat16 / float16 under that mixed precision, else float32."""
+    sleep: bool = True
+    """On GPUs, offload vLLM's weights and drop its KV cache while training (vLLM's sleep mode, level 1); woken
+    before it samples. Ignored where vLLM has no sleep mode (CPU)."""
+    enforce_eager: bool = False
+    """No CUDA graphs (less memory and start-up time, slower decoding)."""
+    logprobs: Literal["recompute", "engine"] = "recompute"
+    """π_old of the PPO ratio (and ℓ of CPPO's types): cppo's own forward pass over the sampled tokens (exact,
+    as with `hf`), or vLLM's sampling log-probs (one forward pass less per step; the ratio then also carries
+    the mismatch between vLLM's numerics and the trainer's, and entropies are not logged)."""
+    importance_sampling_cap: float | None = None
+    """With `recompute`: weight each token's policy-gradient term by min(π_old/π_vllm, cap), the truncated
+    importance-sampling correction for tokens drawn by vLLM rather than by π_old (TRL's
+    `vllm_importance_sampling_correction`); null: no correction."""
+
+    def validate(self) -> None:
+        _check(0 < self.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization", self.gpu_memory_utilization,
+               "in (0, 1]")
+        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "vllm.kv_cache_memory_bytes",
+               self.kv_cache_memory_bytes, "> 0 or null")
+        _check(self.max_model_len is None or self.max_model_len > 0, "vllm.max_model_len", self.max_model_len,
+               "> 0 or null")
+        _check(self.importance_sampling_cap is None or self.importance_sampling_cap >= 1,
+               "vllm.importance_sampling_cap", self.importance_sampling_cap, ">= 1 or null")
+        _check(self.importance_sampling_cap is None or self.logprobs == "recompute", "vllm.importance_sampling_cap",
+               self.importance_sampling_cap, "null with vllm.logprobs: engine (π_old is then vLLM's own)")
+
+
+@dataclass
 class Config:
     algo: Literal["ppo", "cppo"] = "ppo"
     """Training algorithm: plain PPO, or CPPO (the `cppo` section applies)."""
@@ -468,11 +515,17 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     cppo: CPPOConfig = field(default_factory=CPPOConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     @property
     def uses_critic(self) -> bool:
         """Whether the run has a value model (GAE); the critic-free estimators of SPEC §9 have none."""
         return self.ppo.advantage == "gae"
+
+    @property
+    def uses_vllm(self) -> bool:
+        """Whether the run builds a vLLM engine (for its rollouts, its evaluations or both)."""
+        return self.generation.engine == "vllm" or self.eval.engine == "vllm"
 
     @property
     def uses_memory(self) -> bool:
@@ -505,6 +558,7 @@ class Config:
         self.ppo.validate(num_processes)
         self.cppo.validate()
         self.memory.validate()
+        self.vllm.validate()
         if self.cppo.kr_source != "rollouts":
             _check(self.algo == "cppo", "cppo.kr_source", self.cppo.kr_source,
                    "rollouts with algo: ppo (PPO with memory is algo: cppo with cppo.ablation: alpha_one)")

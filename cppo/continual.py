@@ -25,6 +25,7 @@ from .checkpoint import STATE, CheckpointWriter, failpoint, prune, read_state, r
 from .config import Config, UserError, config_differences
 from .cppo_trainer import trainer_class
 from .data import PromptSet, build_prompt_set, left_pad
+from .engine import request_seed
 from .memory import RolloutMemory
 from .memory import build as build_memory
 from .metrics import summarize
@@ -70,6 +71,7 @@ class Evaluator:
         self.generation_config = make_generation_config(
             session.stop_token_ids, session.tokenizer.pad_token_id,
             max_new_tokens=ecfg.max_new_tokens or gcfg.max_new_tokens, **sampling)
+        self.engine_sampling = _engine_sampling(sampling) if ecfg.engine == "vllm" else None
 
     @property
     def task_names(self) -> list[str]:
@@ -78,11 +80,19 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, policy) -> dict[str, dict[str, float | None]]:
         """{task name: {"reward": mean score, "rouge_l": mean F1 or None}}; tasks without an
-        evaluation set are left out."""
+        evaluation set are left out. With `eval.engine: vllm`, `policy` None evaluates the engine's weights as
+        built (π_0)."""
         acc, ecfg = self.session.accelerator, self.session.config.eval
-        was_training = policy.training
-        policy.eval()
+        was_training = policy is not None and policy.training
+        if policy is not None:
+            policy.eval()
         results = {}
+        if self.engine_sampling is not None:
+            engine = self.session.vllm_engine()
+            if policy is not None:
+                engine.load(policy)
+            else:
+                engine.wake()
         for name, prompts in self.sets.items():
             mine = list(range(acc.process_index, len(prompts), acc.num_processes))
             rows, failure = [], None
@@ -105,7 +115,10 @@ class Evaluator:
             if all(r is not None for r in references):
                 result["rouge_l"] = rouge_l([c for _, _, c in everything], [references[i] for i, _, _ in everything])
             results[name] = result
-        policy.train(was_training)
+        if self.engine_sampling is not None:
+            self.session.vllm_engine().sleep()
+        if policy is not None:
+            policy.train(was_training)
         return results
 
     def _score_share(self, policy, name: str, prompts: PromptSet, mine: list[int], rows: list) -> None:
@@ -116,13 +129,36 @@ class Evaluator:
             chunk = mine[start:start + ecfg.batch_size]
             ids, mask = left_pad([prompts.ids[i] for i in chunk], tokenizer.pad_token_id)
             ids, mask = ids.to(acc.device), mask.to(acc.device)
-            with acc.autocast():
-                responses, response_mask, _ = generate(policy, ids, mask, self.generation_config,
-                                                       self.session.stop_token_ids, tokenizer.pad_token_id, len(chunk))
+            if self.engine_sampling is not None:
+                # Greedy needs no seed; sampled evaluation seeds each prompt alike for every row of the matrix.
+                seeds = None if self.engine_sampling["greedy"] else [
+                    request_seed(ecfg.seed, f"eval/{name}", 0, i) for i in chunk]
+                responses, response_mask, _, _ = self.session.vllm_engine().generate(
+                    [prompts.ids[i] for i in chunk], seeds, max_new_tokens=self.generation_config.max_new_tokens,
+                    stop_token_ids=self.session.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+                    device=acc.device, **self.engine_sampling)
+            else:
+                with acc.autocast():
+                    responses, response_mask, _ = generate(policy, ids, mask, self.generation_config,
+                                                           self.session.stop_token_ids, tokenizer.pad_token_id,
+                                                           len(chunk))
             completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
             scores = self.rewards[name]([prompts.texts[i] for i in chunk], completions,
                                         torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1))
             rows.extend(zip(chunk, scores.tolist(), completions, strict=True))
+
+
+def _engine_sampling(sampling: dict) -> dict:
+    """transformers' decoding settings (ours, or a checkpoint's) as the vLLM engine's; one line for a
+    checkpoint setting it cannot apply."""
+    supported = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty"}
+    unsupported = sorted(set(sampling) - supported)
+    if unsupported:
+        raise UserError(f"eval.engine: vllm cannot decode with the checkpoint's generation setting(s) "
+                        f"{', '.join(unsupported)} (eval.checkpoint_generation_config: true); use eval.engine: hf")
+    return {"greedy": not sampling.get("do_sample", False), "temperature": sampling.get("temperature", 1.0),
+            "top_k": sampling.get("top_k", 0) or 0, "top_p": sampling.get("top_p", 1.0),
+            "repetition_penalty": sampling.get("repetition_penalty", 1.0)}
 
 
 def _checkpoint_sampling(source: str) -> dict:
@@ -306,6 +342,8 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
             regularizer.load_state_dict(torch.load(checkpoint / "regularizer.pt", weights_only=False))
         if memory is not None:
             memory.load_state_dict(torch.load(checkpoint / "memory.pt", weights_only=False))
+    elif evaluator.sets and config.eval.engine == "vllm":
+        matrix.append("initial", evaluator.evaluate(None))  # the engine is built from π_0: nothing to load
     elif evaluator.sets:
         initial = load_frozen("AutoModelForCausalLM", session.initial_policy, config.model,
                               session.tokenizer.pad_token_id)
@@ -341,7 +379,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
             if acc.is_main_process:
                 print(f"stopped by a signal; checkpoint {stop.checkpoint}. Resume with: "
                       f"cppo train <config> --resume", file=sys.stderr, flush=True)
-            session.tracker.finish()
+            session.tracker.finish(session.engine)
             return {"preempted": str(stop.checkpoint), "final_stats": checkpointer.final_stats}
     summary = {"final_stats": checkpointer.final_stats, **matrix.summary()}
     output.claim()
@@ -353,7 +391,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
             print(format_table(matrix), flush=True)
     session.tracker.log_summary(summary)
     acc.wait_for_everyone()
-    session.tracker.finish()
+    session.tracker.finish(session.engine)
     return summary
 
 

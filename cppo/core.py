@@ -193,21 +193,26 @@ def k3_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float, weights: torch.Tensor | None = None,
-                denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                clip: float, weights: torch.Tensor | None = None, denominator: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate, a loss to minimise (SPEC §2, §5 with weights = α).
 
     CLIP_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = exp(log π_θ − log π_roll); the loss is
     the weighted masked mean Σ α m CLIP / Σ α m (`denominator` as in `masked_mean`). All (B, T);
     weights (B,). Stats (unweighted):
     `clipfrac`, the share of tokens where the clipped branch is taken; `approx_kl`, the k3 estimate
-    of KL(π_roll ‖ π_θ).
+    of KL(π_roll ‖ π_θ). `token_weights` (B, T), constant: each token's CLIP is multiplied by its weight (the
+    truncated importance weights of tokens sampled by another engine than π_roll); the mean's denominator
+    stays the same.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, weights, denominator)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    loss = masked_mean(per_token, mask, weights, denominator)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),

@@ -278,13 +278,14 @@ def build(trainer, task_index: int, cfg: MemoryConfig, ccfg: CPPOConfig, seed: i
     chosen = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + 1000 * task_index))
     rows = [i for i in chosen[:cfg.build_prompts].tolist() for _ in range(cfg.build_samples)]
     rows = (rows * acc.num_processes)[:max(len(rows), acc.num_processes)]  # at least one row per process
-    mine = [rows[i] for i in torch.arange(len(rows)).tensor_split(acc.num_processes)[acc.process_index].tolist()]
+    positions = torch.arange(len(rows)).tensor_split(acc.num_processes)[acc.process_index].tolist()
+    mine = [rows[i] for i in positions]
     # The build's sampling has its own seed: the same policy gives the same entries, whatever ran before.
     devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), trainer.backend.whole(trainer.model) as model:
         torch.manual_seed(seed + 1000 * task_index + 7919 * acc.process_index)
         model.eval()
-        sampled = trainer.sample(model.policy, mine)
+        sampled = trainer.sample(model.policy, mine, ("memory", task_index, positions[0]))
         model.train()
     raw = trainer.score(mine, sampled)
     local = []

@@ -38,10 +38,12 @@ class Rollout(PromptAndResponse):
     old_logprobs: torch.Tensor  # (B, R) log π_roll of each response token
     ref_logprobs: torch.Tensor  # (B, R) log π_ref of each response token
     old_values: torch.Tensor | None  # (B, R) critic's values at rollout time (None: critic-free, SPEC §9)
-    entropy: torch.Tensor  # (B, R) entropy of π_roll at each response position
+    entropy: torch.Tensor | None  # (B, R) entropy of π_roll at each response position (None: not computed)
     raw_scores: torch.Tensor  # (B,) reward before clipping, normalisation and KL shaping
     task: torch.Tensor | None = None  # (B,) index of each prompt's task (each is scored by its own reward)
     anchor_logprobs: torch.Tensor | None = None  # (B, R) log π_{t−1}, when π_{t−1} is not the reference
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the vLLM engine's sampling log-probs
+    is_weights: torch.Tensor | None = None  # (B, R) truncated importance weights min(π_roll/π_vllm, cap)
     # Filled in by the trainer after the rollout:
     scores: torch.Tensor | None = None  # (B,) reward after clipping / normalisation / EOS penalty
     advantages: torch.Tensor | None = None  # (B, R)
@@ -77,9 +79,11 @@ class Sampled(PromptAndResponse):
     response_mask: torch.Tensor  # (B, R)
     stopped: torch.Tensor  # (B,) bool
     logprobs: torch.Tensor  # (B, R) at the rollout temperature
-    entropy: torch.Tensor  # (B, R)
+    entropy: torch.Tensor | None  # (B, R); None with the vLLM engine's log-probs (`vllm.logprobs: engine`)
     task: torch.Tensor  # (B,) task index of each prompt
     generate_s: float  # seconds spent in generation
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the vLLM engine's own sampling log-probs
+    engine_stats: dict = field(default_factory=dict)  # the engine's timings
 
 
 def stack_sequences(*parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

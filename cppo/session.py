@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from .config import Config, UserError
 from .data import PromptSet, build_prompt_set, check_data_source
 from .distributed import Backend, make_accelerator
+from .engine import check_vllm_installed
 from .models import (
     checkpoint_generation_config,
     context_length,
@@ -63,10 +64,24 @@ class Session:
     stop_token_ids: list[int]  # a response ends at the first of these (empty: runs to max_new_tokens)
     output: OutputDir  # every write into output_dir claims it first
     backend: Backend  # DDP / DeepSpeed / FSDP: every difference between them (cppo.distributed)
+    engine: object | None = None  # the vLLM engine (cppo.engine), built on first use
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    def vllm_engine(self):
+        """This process's vLLM engine, built from the initial policy the first time it is asked for (it gets
+        the trained weights before each use)."""
+        if self.engine is None:
+            from .engine import VLLMEngine
+
+            acc, config = self.accelerator, self.config
+            self.engine = VLLMEngine(config, self.initial_policy, acc.device, acc.num_processes, acc.process_index,
+                                     longest_sequence(config))
+            if acc.is_main_process:
+                print(f"cppo: vLLM engine built in {self.engine.build_s:.1f} s", file=sys.stderr, flush=True)
+        return self.engine
 
     def fail_together(self, error: UserError | None) -> None:
         """Each process runs the user's reward code on its own share of a batch, so one may fail alone;
@@ -100,6 +115,7 @@ def open_session(config: Config, output: OutputDir | None = None) -> Session:
     """`output`: the run's checked output directory (cppo.continual.run); library callers that pass
     none write into `config.output_dir` as it is."""
     check_sources(config)
+    check_vllm_installed(config)
     accelerator = make_accelerator(config)
     config.validate(accelerator.num_processes)
     backend = Backend(accelerator)
@@ -128,6 +144,13 @@ def announce_backend(session: Session) -> None:
     session.tracker.backend = described
     if session.accelerator.is_main_process:
         print("cppo: " + ", ".join(f"{k} {v}" for k, v in described.items()), file=sys.stderr, flush=True)
+
+
+def longest_sequence(config: Config) -> int:
+    """The longest prompt of any task plus the longest response (rollout or evaluation)."""
+    new_tokens = max(config.generation.max_new_tokens, config.eval.max_new_tokens or 0)
+    prompts = [d.max_prompt_length for t in config.tasks for d in (t.prompts, t.eval_prompts) if d is not None]
+    return max(prompts) + new_tokens
 
 
 def check_context(config: Config, policy_source: str) -> None:

@@ -21,6 +21,7 @@ from . import core
 from .checkpoint import failpoint, restore_rng, rng_state
 from .config import UserError
 from .data import PromptStream, left_pad
+from .engine import request_seed
 from .memory import MemoryBatch, RolloutMemory, memory_denominator, retention_loss
 from .models import ActorCritic, checkpoint_generation_config, load_frozen, load_policy, load_value_model
 from .nonfinite import NonFiniteGuard
@@ -88,6 +89,7 @@ class PPOTrainer(NonFiniteGuard):
         self.nonfinite_skips = 0  # steps and updates dropped for a non-finite value in this stage
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self.step_in_stage = 0
+        self.engine_stats: dict[str, float] = {}  # the vLLM engine's timings in the last rollout
         self.last_stats: dict[str, float] = {}  # the stage's last step's stats (the run's summary takes them)
         if regularizer is not None:
             regularizer.task_start(self)
@@ -205,7 +207,8 @@ class PPOTrainer(NonFiniteGuard):
         temperature = gcfg.temperature
         with self.backend.whole(self.model) as model:
             model.eval()
-            sampled = self.sample(model.policy, indices)
+            first = acc.process_index * len(indices)  # this process's rows of the global batch
+            sampled = self.sample(model.policy, indices, ("rollout", self.global_step, first))
             input_ids, attention_mask, responses = sampled.input_ids, sampled.attention_mask, sampled.response_ids
             with acc.autocast():
                 with self.reference_policy() as ref:
@@ -221,29 +224,53 @@ class PPOTrainer(NonFiniteGuard):
                         response_mask=sampled.response_mask, stopped=sampled.stopped,
                         old_logprobs=sampled.logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
                         entropy=sampled.entropy, raw_scores=self.score(indices, sampled), task=sampled.task,
-                        anchor_logprobs=anchor_logprobs)
+                        anchor_logprobs=anchor_logprobs, engine_logprobs=sampled.engine_logprobs)
+        cap = self.config.vllm.importance_sampling_cap
+        if batch.engine_logprobs is not None and cap is not None:
+            batch.is_weights = (torch.exp(batch.old_logprobs - batch.engine_logprobs).clamp(max=cap)
+                                * batch.response_mask)
+        self.engine_stats = sampled.engine_stats
         return batch, sampled.generate_s
 
-    def sample(self, policy, indices: list[int]) -> Sampled:
+    def sample(self, policy, indices: list[int], seed_key: tuple[str, int, int]) -> Sampled:
         """Responses to the stage's prompts `indices` from `policy` (in eval mode, inside `backend.whole`) with
-        the rollout sampling settings, and their log-probs and entropies under it."""
+        the rollout sampling settings, and their log-probs and entropies under it. `seed_key` (purpose, step,
+        global row of the first response) seeds each response of the vLLM engine; `hf` samples from torch's
+        generator."""
         pcfg, gcfg, acc = self.config.ppo, self.config.generation, self.accelerator
         prompts = self.stage.prompts
         prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         started = time.perf_counter()
-        with acc.autocast():
-            responses, response_mask, stopped = generate(
-                policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
-                self.tokenizer.pad_token_id, gcfg.batch_size or len(indices))
+        engine_logprobs, engine_stats = None, {}
+        if gcfg.engine == "vllm":
+            engine = self.session.vllm_engine()
+            engine_stats["vllm/load_s"] = engine.load(policy)
+            purpose, step, first = seed_key
+            seeds = [request_seed(self.config.seed, purpose, step, first + row) for row in range(len(indices))]
+            responses, response_mask, stopped, engine_logprobs = engine.generate(
+                [prompts.ids[i] for i in indices], seeds, max_new_tokens=gcfg.max_new_tokens,
+                stop_token_ids=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id, device=self.device,
+                temperature=gcfg.temperature, top_k=gcfg.top_k, top_p=gcfg.top_p)
+            engine.sleep()
+        else:
+            with acc.autocast():
+                responses, response_mask, stopped = generate(
+                    policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
+                    self.tokenizer.pad_token_id, gcfg.batch_size or len(indices))
         generate_s = time.perf_counter() - started
         input_ids = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, response_mask], 1)
-        with acc.autocast():
-            logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, responses, gcfg.temperature,
-                                                  pcfg.forward_batch_size or len(indices), with_entropy=True)
+        if engine_logprobs is not None and self.config.vllm.logprobs == "engine":
+            logprobs, entropy = engine_logprobs, None
+        else:
+            with acc.autocast():
+                logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, responses,
+                                                      gcfg.temperature, pcfg.forward_batch_size or len(indices),
+                                                      with_entropy=True)
         task = torch.tensor([prompts.task[i] for i in indices], device=self.device)
-        return Sampled(prompt_ids, prompt_mask, responses, response_mask, stopped, logprobs, entropy, task, generate_s)
+        return Sampled(prompt_ids, prompt_mask, responses, response_mask, stopped, logprobs, entropy, task, generate_s,
+                       engine_logprobs, engine_stats)
 
     def score(self, indices: list[int], sampled: Sampled) -> torch.Tensor:
         """Raw scores of sampled responses, each by its own task's reward (B,); a failure in the user's
@@ -443,7 +470,7 @@ class PPOTrainer(NonFiniteGuard):
         logits, logprobs = logits[:rows, :width], every_logprob[:rows, :width]
         mask = mb.response_mask
         pg, pg_stats = core.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, pcfg.clip,
-                                        mb.loss_weights["policy"], denominators["policy"])
+                                        mb.loss_weights["policy"], denominators["policy"], mb.is_weights)
         terms = {"policy": (1.0, pg)}
         stats = {"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}
         if values is not None:
@@ -519,20 +546,34 @@ class PPOTrainer(NonFiniteGuard):
     def rollout_stats(self, batch: Rollout, sequence_kl: torch.Tensor) -> dict[str, float]:
         """Means over the global batch of what the rollout produced."""
         lengths = batch.response_mask.sum(-1).float()
+        entropy = torch.zeros_like(lengths) if batch.entropy is None else (batch.entropy * batch.response_mask).sum(-1)
+        mismatch = torch.zeros_like(lengths) if batch.engine_logprobs is None else (
+            (batch.old_logprobs - batch.engine_logprobs).abs() * batch.response_mask).float()
         per_rollout = torch.stack([
             batch.raw_scores.float(), batch.scores.float(), batch.scores.float() - self.kl_coef * sequence_kl,
-            sequence_kl, lengths, batch.stopped.float(), (batch.entropy * batch.response_mask).sum(-1),
+            sequence_kl, lengths, batch.stopped.float(), entropy, mismatch.sum(-1), mismatch.amax(-1),
         ], dim=1)
         everything = self.gather_rows(per_rollout)
-        raw, score, shaped, kl, length, stopped, entropy_sum = everything.T
-        return {
+        raw, score, shaped, kl, length, stopped, entropy_sum, mismatch_sum, mismatch_max = everything.T
+        stats = {}
+        if batch.engine_logprobs is not None:
+            # How far vLLM's sampling log-probs are from the trainer's (0 with vllm.logprobs: engine, which uses
+            # vLLM's own): mean over response tokens and largest, over the global batch.
+            stats = {"vllm/logprob_diff_mean": (mismatch_sum.sum() / length.sum().clamp_min(1)).item(),
+                     "vllm/logprob_diff_max": mismatch_max.max().item(),
+                     **{k: float(v) for k, v in self.engine_stats.items()}}
+            if batch.is_weights is not None:
+                weights = self.gather_rows(batch.is_weights.float().sum(-1, keepdim=True))
+                stats["vllm/is_weight_mean"] = (weights.sum() / length.sum().clamp_min(1)).item()
+        if batch.entropy is not None:
+            stats["policy/entropy"] = (entropy_sum.sum() / length.sum().clamp_min(1)).item()
+        return stats | {
             "reward/mean": raw.mean().item(),
             "reward/std": raw.std().item() if raw.numel() > 1 else 0.0,
             "reward/score_mean": score.mean().item(),
             "reward/shaped_mean": shaped.mean().item(),
             "kl/mean": kl.mean().item(),
             "kl/coef": self.kl_coef,
-            "policy/entropy": (entropy_sum.sum() / length.sum().clamp_min(1)).item(),
             "response/length_mean": length.mean().item(),
             "response/stopped_frac": stopped.mean().item(),
             "response/tokens": length.sum().item(),
