@@ -547,7 +547,7 @@ class PPOTrainer(NonFiniteGuard):
         """Means over the global batch of what the rollout produced."""
         lengths = batch.response_mask.sum(-1).float()
         entropy = torch.zeros_like(lengths) if batch.entropy is None else (batch.entropy * batch.response_mask).sum(-1)
-        mismatch = torch.zeros_like(lengths) if batch.engine_logprobs is None else (
+        mismatch = torch.zeros_like(batch.old_logprobs) if batch.engine_logprobs is None else (
             (batch.old_logprobs - batch.engine_logprobs).abs() * batch.response_mask).float()
         per_rollout = torch.stack([
             batch.raw_scores.float(), batch.scores.float(), batch.scores.float() - self.kl_coef * sequence_kl,
