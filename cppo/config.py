@@ -445,9 +445,11 @@ class VLLMConfig:
     once per run from the initial policy, its weights loaded from the trained policy before it samples."""
 
     gpu_memory_utilization: float = 0.3
-    """Share of the GPU's memory vLLM may take (weights and KV cache); the rest is training's."""
+    """Share of the GPU's memory vLLM may take (weights and KV cache); the rest is training's. On vLLM's CPU
+    build: the share of the machine's memory it reserves (weights and KV cache)."""
     kv_cache_memory_bytes: int | None = None
-    """A fixed KV-cache size in bytes instead of `gpu_memory_utilization` (required by vLLM's CPU build)."""
+    """A fixed KV-cache size in bytes instead of `gpu_memory_utilization` (the simplest choice on vLLM's CPU
+    build, where memory is shared with everything else)."""
     max_model_len: int | None = None
     """Longest prompt + response vLLM plans for; null: the tasks' longest prompt + the longest response."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

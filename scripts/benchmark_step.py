@@ -15,6 +15,11 @@ reference, a critic and a reward model all from one checkpoint, 1 epoch of 2 min
          the same with a critic-free estimator (`ppo.advantage`, SPEC §9): no critic is built, run or
          trained. Compare them with `cppo` (GAE) at the same `--generations` G (responses per prompt;
          the responses per step and their lengths do not change, so neither does the sampling work).
+  cppo-vllm
+         `cppo` with `generation.engine: vllm`: the rollouts sampled by a colocated vLLM engine, which is
+         given the policy's weights before each rollout (phase weight_sync). Needs vLLM (.venv-vllm:
+         run the benchmark with that environment's Python so that both sides use the same torch and
+         transformers). The engine's build time is reported apart, not in any step.
 
 Each runs in its own process, loaded once; the coordinator asks them for one step in turn (the order
 rotates each round), so one computes at a time and machine noise hits all alike. Timing wrappers
@@ -29,6 +34,8 @@ floor, and the peak memory of its process (resident set on CPU, allocated tensor
     python scripts/benchmark_step.py --precision bf16 --out docs/results/step_cuda.json   # on a GPU
     python scripts/benchmark_step.py --impls cppo cppo-rloo cppo-grpo --generations 4 --models tiny-gpt2 \
         smollm2-135m --out docs/results/estimators_cpu.json           # GAE against the critic-free estimators
+    .venv-vllm/bin/python scripts/benchmark_step.py --impls cppo cppo-vllm --batch 32 --new-tokens 64 \
+        --out docs/results/vllm_cpu.json                               # transformers' generate against vLLM
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -52,9 +60,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TRL_VERSION = "1.12.0"
-IMPLS = ("cppo", "trl", "floor", "cppo-rloo", "cppo-grpo", "cppo-reinforce_pp")
-PHASES = ("generate", "rollout_forward", "train_forward_backward", "optimizer")
-BATCH, MINI_BATCH, NEW_TOKENS, LEARNING_RATE = 8, 4, 16, 1e-5
+ESTIMATORS = ("cppo-rloo", "cppo-grpo", "cppo-reinforce_pp")
+IMPLS = ("cppo", "trl", "floor", "cppo-rloo", "cppo-grpo", "cppo-reinforce_pp", "cppo-vllm")
+PHASES = ("generate", "weight_sync", "rollout_forward", "train_forward_backward", "optimizer")
+LEARNING_RATE = 1e-5
+BATCH, MINI_BATCH, NEW_TOKENS = 8, 4, 16  # the defaults of --batch and --new-tokens (set by main())
 # model name -> (policy source, prompt length in tokens)
 MODELS = {"tiny-gpt2": ("builtin:tiny-gpt2", 32), "gpt2-14m": ("gpt2-14m", 32),
           "smollm2-135m": ("builtin:smollm2-135m", 32)}
@@ -154,8 +164,11 @@ def cppo_worker(args, phases_for):
         "tasks": [{"name": "bench", "reward": {"model": source},
                    "prompts": {"path": str(prompts_path), "max_prompt_length": args.prompt_length,
                                "long_prompts": "truncate"}}],
-        "generation": {"max_new_tokens": NEW_TOKENS, "stop_token": None, "num_generations": args.generations},
-        "ppo": {"advantage": args.worker.partition("-")[2] or "gae",
+        "generation": {"max_new_tokens": NEW_TOKENS, "stop_token": None, "num_generations": args.generations,
+                       "engine": "vllm" if args.worker == "cppo-vllm" else "hf"},
+        # vLLM's CPU build needs a fixed KV-cache size; on a GPU it takes a share of the memory.
+        "vllm": {"kv_cache_memory_bytes": 512 << 20} if args.device == "cpu" else {"gpu_memory_utilization": 0.3},
+        "ppo": {"advantage": args.worker.removeprefix("cppo-") if args.worker in ESTIMATORS else "gae",
                 "steps": 100000, "rollout_batch_size": BATCH, "mini_batch_size": MINI_BATCH, "ppo_epochs": 1,
                 "learning_rate": LEARNING_RATE, "value_learning_rate": LEARNING_RATE, "max_grad_norm": None},
     }
@@ -170,13 +183,19 @@ def cppo_worker(args, phases_for):
     trainer.model.forward = phases.wrap("train_forward_backward", trainer.model.forward)
     trainer.accelerator.backward = phases.wrap("train_forward_backward", trainer.accelerator.backward)
     trainer.optimizer.step = phases.wrap("optimizer", trainer.optimizer.step)
+    info = {"optimizer": optimizer_name(trainer.optimizer)}
+    if args.worker == "cppo-vllm":
+        engine = trainer.session.vllm_engine()  # built now, outside the timed steps
+        engine.generate = phases.wrap("generate", engine.generate)
+        engine.load = phases.wrap("weight_sync", engine.load)
+        info["engine_build_s"] = engine.build_s
 
     def step() -> int:
         stats = trainer.step()
         trainer.step_in_stage += 1
         return int(stats["response/tokens"])
 
-    return step, phases, trainer.device, {"optimizer": optimizer_name(trainer.optimizer)}
+    return step, phases, trainer.device, info
 
 
 class TimedReward:
@@ -394,7 +413,8 @@ class Worker:
     def __init__(self, impl: str, args, policy: str, prompt_length: int, env: dict):
         command = [sys.executable, __file__, "--worker", impl, "--policy", policy,
                    "--prompt-length", str(prompt_length), "--workdir", args.workdir, "--device", args.device,
-                   "--precision", args.precision, "--generations", str(args.generations)]
+                   "--precision", args.precision, "--generations", str(args.generations),
+                   "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
         self.impl = impl
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                         stderr=None if args.verbose else subprocess.DEVNULL)
@@ -471,8 +491,9 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
                                           for t, s in zip(times[impl], phases[impl], strict=True))
         figures = {"median_step_s": statistics.median(times[impl]), "phases_median_s": split,
                    "peak_memory_mib": peaks[impl], "optimizer": ready[impl].get("optimizer"),
-                   **({"generation_logprob_gap": ready[impl]["generation_logprob_gap"]}
-                      if "generation_logprob_gap" in ready[impl] else {}),
+                   "generation_tokens_per_s": BATCH * NEW_TOKENS / split["generate"],
+                   **{key: ready[impl][key] for key in ("generation_logprob_gap", "engine_build_s")
+                      if key in ready[impl]},
                    "device": ready[impl]["device"], "step_s": times[impl], "phases_s": phases[impl]}
         for other in ("trl", "floor", "cppo"):
             if other in workers and other != impl:
@@ -484,15 +505,15 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
 
 def markdown(result: dict) -> str:
     lines = ["| model | implementation | step (median) | vs trl 1.12 | vs floor | vs cppo (GAE) | generate | "
-             "rollout fwd | train fwd+bwd | optimiser | rest | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "generated tokens/s | weight sync | rollout fwd | train fwd+bwd | optimiser | rest | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model in result["models"].items():
         for impl, f in model["implementations"].items():
             p = f["phases_median_s"]
             ratio = {k: f"{f[k]:.2f}×" if k in f else "" for k in ("ratio_to_trl", "ratio_to_floor", "ratio_to_cppo")}
             lines.append(f"| {name} ({model['parameters'] / 1e6:.2f} M) | {impl} | {f['median_step_s']:.3f} s | "
                          f"{ratio['ratio_to_trl']} | {ratio['ratio_to_floor']} | {ratio['ratio_to_cppo']} | "
-                         f"{p['generate']:.3f} | "
+                         f"{p['generate']:.3f} | {f['generation_tokens_per_s']:.0f} | {p['weight_sync']:.3f} | "
                          f"{p['rollout_forward']:.3f} | {p['train_forward_backward']:.3f} | {p['optimizer']:.3f} | "
                          f"{p['rest']:.3f} | {f['peak_memory_mib']:.0f} MiB |")
     return "\n".join(lines)
@@ -508,8 +529,12 @@ def versions() -> dict:
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
+    vllm = None
+    for distribution in ("vllm", "vllm-cpu"):  # the CUDA build and the CPU build
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            vllm = f"{distribution} {importlib.metadata.version(distribution)}"
     return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "trl_peer": TRL_VERSION, "cppo_commit": commit}
+            "accelerate": accelerate.__version__, "vllm": vllm, "trl_peer": TRL_VERSION, "cppo_commit": commit}
 
 
 def machine(device: str) -> str:
@@ -523,6 +548,7 @@ def machine(device: str) -> str:
 
 
 def main() -> None:
+    global BATCH, MINI_BATCH, NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=["cppo", "trl", "floor"])
@@ -534,13 +560,18 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/cppo-benchmark-step")
     parser.add_argument("--trl-dir", default=None, help=f"where trl {TRL_VERSION} is installed (default: the cache)")
     parser.add_argument("--generations", type=int, default=1,
-                        help="G responses per prompt for cppo's workers (prompts per step: 8 / G)")
+                        help="G responses per prompt for cppo's workers (prompts per step: --batch / G)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="responses per step (2 mini-batches of half)")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens sampled per response")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--verbose", action="store_true", help="show the workers' own output")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch < 2 or args.batch % 2 or args.new_tokens < 1:
+        parser.error(f"--batch must be even and >= 2 (got {args.batch}) and --new-tokens >= 1 (got {args.new_tokens})")
+    BATCH, MINI_BATCH, NEW_TOKENS = args.batch, args.batch // 2, args.new_tokens
     if args.device is None:
         import torch
 

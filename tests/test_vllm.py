@@ -12,7 +12,6 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
