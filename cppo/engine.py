@@ -3,7 +3,7 @@
 One engine per process, colocated with training (TRL's colocate mode, verl's hybrid engine): built once per
 run from the initial policy's directory, it never reads a checkpoint's sampling defaults (everything it
 samples with comes from our config), and before it samples it is given the trained policy's weights (LoRA
-merged; under ZeRO-3 / FSDP the gathered ones, since it is called inside `backend.whole`). Every response
+deltas added; under ZeRO-3 / FSDP2 the gathered ones, since it is called inside `backend.whole`). Every response
 has its own seed, made from the run's seed, the step and the row's place in the global batch: the same
 prompts give the same responses whichever process draws them and whatever else is in its batch. The
 log-probs of the PPO ratio still come from our own forward pass (see `vllm.logprobs`); vLLM's own are kept
@@ -12,7 +12,6 @@ to measure how far the two disagree.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
@@ -44,34 +43,43 @@ def request_seed(seed: int, purpose: str, step: int, row: int) -> int:
 
 
 def engine_weights(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's weights under the names of its checkpoint (what vLLM loads). A PEFT model must be
-    merged by the caller (`merged`); its LoRA factors are left out and the wrapped layers' names unwrapped."""
+    """The policy's whole weights under the names of its checkpoint (what vLLM loads), as plain tensors. A
+    PEFT policy's LoRA deltas are added to copies of its base weights (the policy itself is not touched: a
+    merge and unmerge in place would round the frozen base weights a little at every load), its LoRA factors
+    left out and the wrapped layers' names unwrapped. Called inside `backend.whole`, where the weights are
+    whole on every process (gathered under ZeRO-3 and FSDP2)."""
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
     if not isinstance(policy, PeftModel):
-        return dict(policy.state_dict())
+        return state_tensors(policy)
+    model = policy.get_base_model()
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
+            if adapters:
+                deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in adapters)
     weights = {}
-    for name, tensor in policy.get_base_model().state_dict().items():
+    for name, tensor in state_tensors(model).items():
         if "lora_" in name or ".original_module." in name:
             continue
-        name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        weights[name] = tensor
+        if name in deltas:
+            tensor = tensor + deltas[name].to(tensor.dtype)
+        weights[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = tensor
     return weights
 
 
-@contextlib.contextmanager
-def merged(policy: nn.Module):
-    """A PEFT policy with its adapters merged into the base weights for the duration (then unmerged)."""
-    from peft import PeftModel
-
-    if not isinstance(policy, PeftModel):
-        yield policy
-        return
-    policy.merge_adapter()
-    try:
-        yield policy
-    finally:
-        policy.unmerge_adapter()
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `model.state_dict()` holds (parameters, tied ones under each name, and persistent buffers), read
+    from the modules themselves: under FSDP2, `state_dict()` would put every weight back into its shard (a
+    DTensor) in the middle of `backend.whole`, while the modules' own attributes are the whole weights."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                tensors[f"{prefix}.{name}" if prefix else name] = buffer
+    return tensors
 
 
 class VLLMEngine:
@@ -135,11 +143,12 @@ class VLLMEngine:
         its entries were computed with the old ones. Returns the seconds it took."""
         started = time.perf_counter()
         self.wake()
-        with merged(policy):
+        with torch.no_grad():
             weights = engine_weights(policy)
-            # One call with every weight: vLLM's in-place reload maps checkpoint names (fused projections,
-            # tied embeddings) as when it loads a checkpoint.
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        # One call with every weight: vLLM's in-place reload maps checkpoint names (fused projections, tied
+        # embeddings) as when it loads a checkpoint.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        del weights
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 

