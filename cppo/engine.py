@@ -88,6 +88,7 @@ class VLLMEngine:
     def __init__(self, config: Config, model_dir: str, device: torch.device, num_processes: int,
                  process_index: int, max_model_len: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are loaded directly
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight load and cache reset
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores with training
             os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # vLLM's CPU build compiles nothing that works here
