@@ -17,6 +17,7 @@ Data, SFT model and reward models are cached by a hash of their inputs and reuse
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -160,10 +161,27 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ SFT and RMs
 
+def device_training_args(cuda: bool) -> dict:
+    """How trl trains the demo's ~100 k-parameter models, set per device rather than left to trl's defaults
+    (`SFTConfig` and `RewardConfig` default to bf16 autocast and activation checkpointing). Both exist to fit
+    large models in memory; at this size there is no memory to save, and on a CPU they slow training several
+    times over (docs/results/demo_first_run.md). So fp32 on every device (TF32 off on a GPU: the arithmetic of
+    a CPU), no checkpointing, no compilation, data loaded in the training process."""
+    from transformers import TrainingArguments
+
+    args = {"bf16": False, "fp16": False, "gradient_checkpointing": False, "torch_compile": False,
+            "dataloader_num_workers": 0, "dataloader_pin_memory": cuda, "use_cpu": not cuda}
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        args["activation_checkpointing"] = False  # the name transformers ≥ 5.2x reads; the old one is its alias
+    if cuda:
+        args["tf32"] = False
+    return args
+
+
 def _quiet_training_args(output_dir: Path, seed: int, epochs: int, lr: float) -> dict:
     return {"output_dir": str(output_dir / "trainer"), "num_train_epochs": epochs, "per_device_train_batch_size": 32,
             "learning_rate": lr, "max_length": 64, "report_to": [], "save_strategy": "no", "logging_steps": 1000,
-            "seed": seed, "disable_tqdm": True, "use_cpu": not torch.cuda.is_available()}
+            "seed": seed, "disable_tqdm": True, **device_training_args(torch.cuda.is_available())}
 
 
 def train_sft(directory: Path, data_dir: Path, seed: int, epochs: int) -> None:
@@ -234,7 +252,9 @@ def build_artifacts(sizes: DemoSizes, seed: int, log: Callable[[str], None]) -> 
                 write_jsonl(directory / name / f"pairs_{split}.jsonl", rows)
 
     data_dir = cached("data", data_inputs, build_data, log)
-    sft_dir = cached("sft", {**data_inputs, "epochs": sizes.sft_epochs},
+    # Models trained another way (the bf16 autocast and checkpointing of trl's defaults) are not reused.
+    recipe = {"precision": "fp32", "activation_checkpointing": False}
+    sft_dir = cached("sft", {**data_inputs, "epochs": sizes.sft_epochs, "recipe": recipe},
                      lambda d: train_sft(d, data_dir, seed, sizes.sft_epochs), log)
     reward_dirs, accuracy = {}, {}
     groups = {d.name: [d.name] for d in DOMAINS} | {"reference": [d.name for d in DOMAINS]}
@@ -242,7 +262,7 @@ def build_artifacts(sizes: DemoSizes, seed: int, log: Callable[[str], None]) -> 
         train = [p for m in members for p in read_jsonl(data_dir / m / "pairs_train.jsonl")]
         # The reference PM must also learn which rule each domain's prompts call for: twice the epochs.
         epochs = sizes.rm_epochs * (2 if name == "reference" else 1)
-        inputs = {**data_inputs, "rm": name, "members": members, "epochs": epochs}
+        inputs = {**data_inputs, "rm": name, "members": members, "epochs": epochs, "recipe": recipe}
         reward_dirs[name] = cached(f"rm-{name}", inputs,
                                    lambda d, t=train, e=epochs: train_reward_model(d, sft_dir, t, seed, e), log)
         accuracy[name] = {m: pairwise_accuracy(reward_dirs[name], read_jsonl(data_dir / m / "pairs_test.jsonl"))
