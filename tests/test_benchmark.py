@@ -60,6 +60,8 @@ def test_the_protocol_tunes_every_method_on_the_tuning_seeds_from_a_grid_of_thre
         "ppo", "ewc", 1.0)
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_the_analysis_chooses_on_tuning_seeds_and_reports_held_out_ones(bench, benchmark_sweep, tmp_path,
                                                                        monkeypatch, capsys):
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))

@@ -1,26 +1,17 @@
 """Task streams, the continual runner, the evaluation matrix and its metrics, the baselines."""
 
 import json
-import subprocess
+import math
 import textwrap
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, subprocess_env
+from conftest import CONTINUAL, error_lines, read_metrics, run_cppo, run_in_process
+from conftest import tiny_continual as quick
 
 from cppo import metrics
 from cppo.cli import main
 from cppo.config import UserError
-
-CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
-
-
-def quick(output_dir, steps=2, **extra):
-    values = {"output_dir": str(output_dir), "tasks.0.steps": steps, "tasks.1.steps": steps,
-              "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4, "ppo.ppo_epochs": 1,
-              "generation.max_new_tokens": 6, "eval.max_prompts": 8, **extra}
-    return [f"{k}={v}" for k, v in values.items()]
-
 
 # ------------------------------------------------------------------------------------------ metrics
 
@@ -62,9 +53,7 @@ def recompute(S):
 @pytest.mark.slow
 def test_continual_tiny_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([PYTHON, "-m", "cppo", "train", CONTINUAL, f"output_dir={out}"], cwd=ROOT,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cppo("train", CONTINUAL, f"output_dir={out}")
     matrix = json.loads((out / "eval_matrix.json").read_text())
     assert matrix["tasks"] == ["vowels", "digits"]
     assert matrix["rows"] == ["initial", "after vowels", "after digits"]
@@ -77,7 +66,7 @@ def test_continual_tiny_end_to_end(tmp_path):
     assert S[1][0] > S[0][0] + 0.3 and S[2][1] > S[1][1] + 0.3
     assert summary["forgetting"] > 0.3
     assert "evaluation matrix S" in result.stdout and "forgetting" in result.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 61))
     assert [r["task"] for r in rows] == ["vowels"] * 30 + ["digits"] * 30
     for name in ("task_1_vowels", "task_2_digits"):
@@ -86,29 +75,47 @@ def test_continual_tiny_end_to_end(tmp_path):
     assert (out / "policy").resolve() == (out / "task_2_digits" / "policy").resolve()
 
 
+RLOO = {"ppo.advantage": "rloo", "generation.num_generations": 2, "ppo.kl_in": "reward"}
+
+
 @pytest.mark.parametrize("extra", [
     {"algo": "ppo"},
     {"algo": "ppo", "continual.regularizer": "l2"},
     {"algo": "ppo", "continual.regularizer": "ewc", "continual.importance_samples": 4},
+    {"algo": "ppo", "continual.regularizer": "ewc", "continual.importance_samples": 4, **RLOO},
     {"algo": "cppo", "continual.regularizer": "mas", "continual.importance_samples": 4},
+    {"algo": "ppo", "continual.regularizer": "mas", "continual.importance_samples": 4, **RLOO},
     {"algo": "cppo", "continual.regularizer": "lwf"},
+    {"algo": "ppo", "continual.regularizer": "lwf", **RLOO},
     {"algo": "cppo", "cppo.kl_reference": "initial", "cppo.weighting": "learned"},
+    {"algo": "cppo", "cppo.weighting": "learned", "cppo.kr_anchor": "rollout", **RLOO},
+    {"algo": "cppo", "cppo.ablation": "alpha_one", "cppo.kr_source": "memory", "memory.build_prompts": 4,
+     "memory.build_samples": 2, "memory.retrieve": "similar", **RLOO},
     {"algo": "cppo", "continual.schedule": "joint"},
-], ids=["ppo", "l2", "ewc", "mas-cppo", "lwf-cppo", "cppo-initial-reference", "joint"])
+    {"algo": "ppo", "continual.schedule": "joint", **RLOO},
+], ids=["ppo", "l2", "ewc", "ewc-rloo", "mas-cppo", "mas-rloo", "lwf-cppo", "lwf-rloo", "cppo-initial-reference",
+        "cppo-learned-rloo", "memory-rloo", "joint", "joint-rloo"])
 def test_every_baseline_runs_the_stream(tmp_path, capsys, extra):
+    """Each continual method over the two-task stream, with GAE and without a critic (RLOO): the evaluation
+    matrix has a row per task (one for the joint run), every logged loss is finite, a regularizer logs its term
+    and pulls once task 2 has an anchor, a critic-free run never builds a value model."""
     out = tmp_path / "out"
-    code = main(["train", CONTINUAL, *quick(out, **extra)])
-    err = capsys.readouterr().err
+    code, err = run_in_process(["train", CONTINUAL, *quick(out, **extra)], capsys)
     assert code == 0, err
     matrix = json.loads((out / "eval_matrix.json").read_text())
     joint = extra.get("continual.schedule") == "joint"
     assert len(matrix["rows"]) == (2 if joint else 3)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 4
-    if "continual.regularizer" in extra:
+    rows = read_metrics(out)
+    assert len(rows) == 4 and all(math.isfinite(r["loss/total"]) for r in rows)
+    critic_free = "ppo.advantage" in extra
+    assert all(("loss/value" in r) != critic_free for r in rows)
+    assert bool(list(out.rglob("value_model"))) != critic_free
+    regularizer = extra.get("continual.regularizer")
+    if regularizer is not None:
         assert all("loss/reg" in r for r in rows)
-        if extra["continual.regularizer"] in ("l2", "lwf"):
-            assert rows[-1]["loss/reg"] > 0  # the policy moved away from θ_{t−1}
+        assert rows[-1]["loss/reg"] > 0  # task 2 moved the policy away from θ_{t−1}, where the penalty is 0
+    if extra.get("cppo.kr_source") == "memory":
+        assert rows[-1]["loss/memory"] > 0
 
 
 def test_reward_model_evaluation_and_rouge_with_references(tmp_path, capsys):
@@ -184,7 +191,7 @@ def test_bad_task_configs_fail_before_any_model_loads(tmp_path, capsys, monkeypa
     out = tmp_path / "out"
     code = main(["train", write_config(tmp_path, tasks_yaml), f"output_dir={out}"])
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
+    lines = error_lines(err)
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not out.exists()
 
@@ -341,12 +348,9 @@ def test_stage_lineage(tmp_path, algo, kl_reference, regularizer, expect_anchor)
 
 
 @pytest.mark.long
-@pytest.mark.slow
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([PYTHON, "-m", "cppo", "demo", "--quick", "--output-dir", str(out)], cwd=ROOT,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cppo("demo", "--quick", "--output-dir", str(out))
     for name in ("sky", "ledger", "forest", "reference"):
         assert f"reward model {name}: held-out pairwise accuracy" in result.stdout
     report = (out / "report" / "report.md").read_text()
@@ -362,9 +366,8 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     assert not (out / "runs" / "cppo_memory" / "task_3_forest" / "memory.jsonl").exists()
     assert "types_cppo_memory.png" in report
     # a second run reuses the data, the SFT model and the reward models
-    again = subprocess.run([PYTHON, "-m", "cppo", "demo", "--quick", "--output-dir", str(tmp_path / "demo2")],
-                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and again.stdout.count(": cached (") == 6
+    again = run_cppo("demo", "--quick", "--output-dir", str(tmp_path / "demo2"))
+    assert again.stdout.count(": cached (") == 6
 
 
 def test_demo_data_follows_the_hidden_rules():
@@ -385,3 +388,22 @@ def test_demo_data_follows_the_hidden_rules():
         assert sum(domain.score(a) >= 0.8 for a in sft_answers) / len(sft_answers) < 0.02
     assert len(data["sft"]) == sizes.sft_examples
     assert make_data(sizes, seed=0) == data  # deterministic
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+def test_the_demo_trains_its_models_in_fp32_without_checkpointing_whatever_trls_defaults(tmp_path, cuda):
+    """trl's SFTConfig and RewardConfig default to bf16 autocast and activation checkpointing; the demo's ~100 k
+    parameter models are trained in fp32 without either, on a CPU and on a GPU, because the demo says so."""
+    from trl import RewardConfig, SFTConfig
+
+    from cppo.demo import device_training_args
+
+    args = device_training_args(cuda)
+    assert args["bf16"] is False and args["fp16"] is False and args["gradient_checkpointing"] is False
+    assert args["use_cpu"] is not cuda and args.get("tf32", False) is False
+    if cuda:  # TrainingArguments checks tf32 and pinned memory against a GPU that is not here: the values only
+        return
+    for config_class in (SFTConfig, RewardConfig):
+        config = config_class(output_dir=str(tmp_path), report_to=[], **args)
+        assert config.bf16 is False and config.fp16 is False and config.gradient_checkpointing is False
+        assert getattr(config, "activation_checkpointing", False) is False

@@ -4,17 +4,23 @@ and runs without a value model: nothing of a critic is built, trained, logged, c
 import json
 import math
 import signal
-import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
+from conftest import (
+    CONTINUAL,
+    CPPO_TINY,
+    ROOT,
+    TWO_PROCESSES,
+    assert_same_run,
+    mean_reward,
+    quick_overrides,
+    read_metrics,
+    run_cppo,
+)
 
 from cppo import core
 from cppo.config import UserError, load_config
-
-CPPO_TINY = str(ROOT / "configs" / "cppo_tiny.yaml")
-
 
 # --- the estimators, by hand -------------------------------------------------------------------------------
 
@@ -139,64 +145,41 @@ def test_gae_with_several_responses_per_prompt_keeps_its_critic(tmp_path):
 # --- end to end ---------------------------------------------------------------------------------------------
 
 
-def read_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_cppo_rloo_tiny_learns_without_a_critic(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([PYTHON, "-m", "cppo", "train", str(ROOT / "configs" / "cppo_rloo_tiny.yaml"),
-                             f"output_dir={out}"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_rows(out)
+    run_cppo("train", str(ROOT / "configs" / "cppo_rloo_tiny.yaml"), f"output_dir={out}")
+    rows = read_metrics(out)
     assert len(rows) == 40 and "cppo/frac_r1" in rows[0] and "loss/value" not in rows[0]
-    first, last = (sum(r["reward/mean"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+    first, last = mean_reward(rows[:5]), mean_reward(rows[-5:])
     assert last > first + 0.3, (first, last)
     assert (out / "policy").is_dir() and not (out / "value_model").exists()
     assert not (out / "task_1_vowels" / "value_model").exists()
 
 
-CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
 RESUME = ["tasks.0.steps=4", "tasks.1.steps=4", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
           "ppo.ppo_epochs=2", "generation.max_new_tokens=8", "eval.max_prompts=8", "save_steps=2",
           "save_total_limit=null", "ppo.advantage=grpo", "generation.num_generations=4", "ppo.kl_in=loss",
           "cppo.kr_source=both", "memory.build_prompts=4", "memory.build_samples=2"]
 
 
-def train(out, *extra, failpoint=None):
-    env = subprocess_env()
-    if failpoint:
-        env["CPPO_FAILPOINT"] = failpoint
-    return subprocess.run([PYTHON, "-m", "cppo", "train", CONTINUAL, f"output_dir={out}", *RESUME, *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+def train(out, *extra, failpoint=None, check=True):
+    return run_cppo("train", CONTINUAL, f"output_dir={out}", *RESUME, *extra, failpoint=failpoint, check=check)
 
 
 @pytest.mark.slow
 def test_a_critic_free_continual_run_killed_in_its_second_task_resumes_bit_identical(tmp_path):
-    from safetensors.torch import load_file
-
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train(straight).returncode == 0
-    killed = train(resumed, failpoint="step:7:mid")
+    train(straight)
+    killed = train(resumed, failpoint="step:7:mid", check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert train(resumed, "--resume").returncode == 0
+    train(resumed, "--resume")
     for task in ("task_1_vowels", "task_2_digits"):
         assert sorted(p.name for p in (straight / task).iterdir() if p.is_dir()) == ["policy"]
-        a = load_file(straight / task / "policy" / "model.safetensors")
-        b = load_file(resumed / task / "policy" / "model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), task
-
-    def untimed(out):
-        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"}
-                for r in read_rows(out)]
-
-    rows = untimed(straight)
-    assert rows == untimed(resumed) and len(rows) == 8
+    assert_same_run(straight, resumed)
+    rows = read_metrics(straight, timing=False)
+    assert len(rows) == 8
     assert rows[-1]["loss/memory"] > 0 and "loss/kl" in rows[-1] and "loss/value" not in rows[-1]
-    assert json.loads((straight / "eval_matrix.json").read_text()) == json.loads(
-        (resumed / "eval_matrix.json").read_text())
 
 
 @pytest.mark.slow
@@ -210,15 +193,11 @@ def test_two_processes_give_the_losses_and_gradient_of_one_without_a_critic(tmp_
     group baselines need no gather, REINFORCE++'s whitening is over the global batch."""
     settings = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1", "ppo.max_grad_norm=null",
                 "cppo.kr_source=both", "memory.batch_size=5", f"output_dir={tmp_path / 'o'}", *estimator]
+    script = (str(ROOT / "tests" / "fixed_batch_step_script.py"),)
     results = []
-    for launch, extra in (([PYTHON], []),
-                          ([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
-                           ["ppo.gradient_accumulation_steps=2"])):
+    for launcher, extra in (((), []), (TWO_PROCESSES, ["ppo.gradient_accumulation_steps=2"])):
         out = tmp_path / f"{len(results)}.json"
-        result = subprocess.run([*launch, str(ROOT / "tests" / "fixed_batch_step_script.py"), str(out), CPPO_TINY,
-                                 *settings, *extra], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_cppo(str(out), CPPO_TINY, *settings, *extra, launcher=launcher, program=script)
         results.append(json.loads(out.read_text()))
     one, two = results
     assert two["processes"] == 2 and "loss/value" not in one["losses"] and one["losses"]["loss/policy"] != 0
@@ -226,25 +205,3 @@ def test_two_processes_give_the_losses_and_gradient_of_one_without_a_critic(tmp_
     for name, value in one["losses"].items():
         assert two["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     torch.testing.assert_close(torch.tensor(two["gradient"]), torch.tensor(one["gradient"]), atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [
-    ["algo=ppo", "continual.regularizer=ewc", "continual.importance_samples=4"],
-    ["algo=ppo", "continual.regularizer=lwf"],
-    ["algo=ppo", "continual.regularizer=mas", "continual.importance_samples=4"],
-    ["algo=cppo", "cppo.weighting=learned", "cppo.kr_anchor=rollout"],
-    ["algo=cppo", "cppo.ablation=alpha_one", "cppo.kr_source=memory", "memory.build_prompts=4",
-     "memory.build_samples=2", "memory.retrieve=similar"],
-    ["algo=ppo", "continual.schedule=joint"],
-], ids=["ewc", "lwf", "mas", "cppo-learned", "ppo-memory", "joint"])
-def test_the_continual_methods_run_with_rloo(tmp_path, extra):
-    out = tmp_path / "run"
-    result = train(out, "tasks.0.steps=2", "tasks.1.steps=2", "save_steps=0", "ppo.advantage=rloo",
-                   "ppo.kl_in=reward", "cppo.kr_source=rollouts", *extra)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_rows(out)
-    assert rows and all(math.isfinite(r["loss/total"]) and "loss/value" not in r for r in rows)
-    assert not list(out.rglob("value_model"))
-    if "continual.regularizer=ewc" in extra or "continual.regularizer=mas" in extra:
-        assert rows[-1]["loss/reg"] > 0

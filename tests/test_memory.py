@@ -4,12 +4,10 @@ build's stored log-probs, exact resume across a task boundary, and 2 processes a
 import json
 import math
 import signal
-import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, subprocess_env
-from test_resume import assert_identical
+from conftest import CONTINUAL, CPPO_TINY, ROOT, TWO_PROCESSES, assert_same_run, read_metrics, run_cppo
 
 from cppo.config import MemoryConfig, UserError, load_config
 from cppo.memory import (
@@ -23,8 +21,6 @@ from cppo.memory import (
     similarity,
 )
 from cppo.weighting import classify_rollouts
-
-CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
 
 
 def entry(task, prompt=(1, 2), response=(3,), logprobs=(-1.0,), beta=1.0):
@@ -198,20 +194,17 @@ MEMORY = ["cppo.kr_source=both", "memory.build_prompts=6", "memory.build_samples
           "memory.batch_size=3", "memory.select=all"]
 
 
-def train(out, *extra, env_extra=None):
+def train(out, *extra, failpoint=None, check=True):
     settings = ["tasks.0.steps=4", "tasks.1.steps=4", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
                 "ppo.ppo_epochs=1", "generation.max_new_tokens=8", "eval.max_prompts=8", "save_steps=3",
                 "save_total_limit=null", *MEMORY]
-    return subprocess.run([PYTHON, "-m", "cppo", "train", CONTINUAL, f"output_dir={out}", *settings, *extra],
-                          cwd=ROOT, env={**subprocess_env(), **(env_extra or {})}, capture_output=True, text=True,
-                          timeout=600)
+    return run_cppo("train", CONTINUAL, f"output_dir={out}", *settings, *extra, failpoint=failpoint, check=check)
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory") / "straight"
-    result = train(out)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(out)
     return out
 
 
@@ -231,7 +224,7 @@ def test_a_run_stores_the_task_end_policys_logprobs_and_trains_on_them(straight)
         torch.testing.assert_close(logprobs[0], torch.tensor(e["logprobs"]), atol=1e-5, rtol=1e-5)
         assert e["logprob_mean"] == pytest.approx(sum(e["logprobs"]) / len(e["logprobs"]))
         assert e["response"] == tokenizer.decode(e["response_ids"], skip_special_tokens=True)
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(straight)
     assert all(r["loss/memory"] == 0 and "memory/retrieved/vowels" not in r for r in rows[:4])
     assert all(r["loss/memory"] > 0 and r["memory/retrieved/vowels"] == 3 and r["memory/size/vowels"] == 8
                for r in rows[4:])
@@ -245,11 +238,10 @@ def test_a_run_stores_the_task_end_policys_logprobs_and_trains_on_them(straight)
 ])
 def test_sigkill_and_resume_with_memory_across_a_task_boundary_is_bit_identical(tmp_path, straight, failpoint):
     out = tmp_path / "run"
-    killed = train(out, env_extra={"CPPO_FAILPOINT": failpoint})
+    killed = train(out, failpoint=failpoint, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = train(out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_identical(straight, out)
+    train(out, "--resume")
+    assert_same_run(straight, out)
     assert (out / "task_1_vowels" / "memory.jsonl").read_text() == (
         straight / "task_1_vowels" / "memory.jsonl").read_text()
 
@@ -260,15 +252,11 @@ def test_two_processes_give_the_losses_and_gradient_of_one_on_the_same_rollouts(
     the memory term's denominator is the whole memory batch's, so the split changes nothing but rounding."""
     settings = ["algo=cppo", "cppo.kr_source=both", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
                 "ppo.ppo_epochs=1", "memory.batch_size=5", "ppo.max_grad_norm=null", f"output_dir={tmp_path / 'o'}"]
-    script, config = str(ROOT / "tests" / "fixed_batch_step_script.py"), str(ROOT / "configs" / "cppo_tiny.yaml")
+    script = (str(ROOT / "tests" / "fixed_batch_step_script.py"),)
     results = []
-    for launch, extra in (([PYTHON], []),
-                          ([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
-                           ["ppo.gradient_accumulation_steps=2"])):
+    for launcher, extra in (((), []), (TWO_PROCESSES, ["ppo.gradient_accumulation_steps=2"])):
         out = tmp_path / f"{len(results)}.json"
-        result = subprocess.run([*launch, script, str(out), config, *settings, *extra], cwd=ROOT,
-                                env=subprocess_env(), capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_cppo(str(out), CPPO_TINY, *settings, *extra, launcher=launcher, program=script)
         results.append(json.loads(out.read_text()))
     one, two = results
     assert two["processes"] == 2 and one["retrieved"] == two["retrieved"] == 5

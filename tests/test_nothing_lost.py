@@ -5,7 +5,6 @@ weights, and a signalled two-process launch stops everywhere at the same step.""
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -16,44 +15,30 @@ import time
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
+from conftest import (
+    PYTHON,
+    RANK_EXIT_SCRIPT,
+    ROOT,
+    TINY,
+    TWO_PROCESSES,
+    one_error_line,
+    quick_overrides,
+    read_metrics,
+    run_cppo,
+    run_in_process,
+    snapshot,
+    subprocess_env,
+)
 from safetensors.torch import load_file
 
 from cppo.checkpoint import checkpoints, verify
 from cppo.cli import main
 from cppo.session import reset_accelerate_state
 
-TINY = str(ROOT / "configs" / "ppo_tiny.yaml")
-
-
-def snapshot(directory) -> dict[str, str]:
-    """Every file's sha256 and every link's target, by relative path: equal snapshots, identical trees."""
-    found = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            key = os.path.relpath(path, directory)
-            if os.path.islink(path):
-                found[key] = "link:" + os.readlink(path)
-            elif os.path.isfile(path):
-                found[key] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-            else:
-                found[key] = "dir"
-    return found
-
 
 def train(args, capfd) -> tuple[int, str]:
     """`cppo train` in this process: its exit code and everything written to the stderr descriptor."""
-    code = main(["train", *args])
-    return code, capfd.readouterr().err
-
-
-def one_error_line(code: int, err: str, expected: str) -> str:
-    """Exit 2, exactly one `cppo: error:` line holding `expected`, no traceback."""
-    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
-    assert code == 2 and len(lines) == 1 and expected in lines[0], err
-    assert "Traceback" not in err, err
-    return lines[0]
+    return run_in_process(["train", *args], capfd)
 
 
 @pytest.fixture(scope="module")
@@ -432,10 +417,7 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step_and_resume
         a = load_file(straight / name / "model.safetensors")
         b = load_file(stopped / name / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    drop = ("time/", "tokens_per_s")
-    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith(drop)}
-             for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (straight, stopped)]
-    assert rows[0] == rows[1]
+    assert read_metrics(straight, timing=False) == read_metrics(stopped, timing=False)
 
 
 @pytest.mark.slow
@@ -449,11 +431,9 @@ def test_a_reward_failing_on_one_rank_stops_both_with_one_line(tmp_path):
                 raise RuntimeError("reward server down")
             return [0.5] * len(completions)
     """)
-    env = {**subprocess_env(), "RANK_EXIT_DIR": str(tmp_path / "exits")}
-    result = subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             str(ROOT / "tests" / "rank_exit_script.py"), "train", TINY,
-                             *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_cppo("train", TINY, *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score",
+                      launcher=TWO_PROCESSES, program=RANK_EXIT_SCRIPT, env={"RANK_EXIT_DIR": str(tmp_path / "exits")},
+                      check=False)
     lines = [line for line in result.stderr.splitlines() if line.startswith("cppo: error:")]
     assert len(lines) == 1 and lines[0].startswith(
         f"cppo: error: [rank 1] reward function {path}:score raised RuntimeError: reward server down"), result.stderr
@@ -462,6 +442,7 @@ def test_a_reward_failing_on_one_rank_stops_both_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_process_that_does_not_report_the_error_leaves_after_the_one_that_does(tmp_path):
     """Under a launcher, every process meets an error in the config; the main process reports it. The others
     must not exit first: the launcher stops every process once one exits, and would stop the main process

