@@ -339,13 +339,19 @@ def test_a_sweep_killed_at_a_random_moment_and_run_again_ends_as_one_that_ran_st
               "parameters": {"algo": ["ppo", "cppo"]}}
     straight = sweep_file(tmp_path, "straight", **fields)
     killed = sweep_file(tmp_path, "killed", **fields)
-    started = time.time()
     assert run_command(straight).returncode == 0
-    duration = time.time() - started
-    moment = random.Random().uniform(0.2 * duration, 0.9 * duration)  # while trials run
+    # A random moment while a trial trains: once some unfinished trial has logged `after` of its 6 steps. (A moment
+    # drawn from the straight sweep's duration could fall between trials when the machine's load changes.)
+    after = random.Random().randint(1, 5)
+    started = time.time()
     process = subprocess.Popen([PYTHON, "-m", "cppo", "sweep", str(killed)], cwd=ROOT, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(moment)
+    trials = tmp_path / "killed-out" / "trials"
+    while time.time() - started < 600 and process.poll() is None and not any(
+            after <= len(m.read_text().splitlines()) < 6 and not (m.parent / "summary.json").exists()
+            for m in trials.glob("*/metrics.jsonl")):
+        time.sleep(0.02)
+    moment = time.time() - started
     process.send_signal(signal.SIGKILL)  # the sweep alone dies; its trials save a checkpoint and stop
     process.wait()
     again = run_command(killed)
@@ -357,7 +363,7 @@ def test_a_sweep_killed_at_a_random_moment_and_run_again_ends_as_one_that_ran_st
     for log in continued:  # one that saved a checkpoint on its SIGTERM continued from it
         first, second = log.split("=== ")[1:]
         assert ("stopped by a signal; checkpoint" in first) == second.splitlines()[0].endswith(" --resume"), log
-    print(f"killed after {moment:.1f} s of a {duration:.1f} s sweep", file=sys.stderr)
+    print(f"killed after {moment:.1f} s, a trial {after} steps in", file=sys.stderr)
 
 
 @pytest.mark.long
