@@ -178,6 +178,10 @@ def device_training_args(cuda: bool) -> dict:
     return args
 
 
+# The settings of device_training_args that change what is trained (the rest only change where and how fast).
+_RESULT_SETTINGS = ("bf16", "fp16", "gradient_checkpointing")
+
+
 def _quiet_training_args(output_dir: Path, seed: int, epochs: int, lr: float) -> dict:
     return {"output_dir": str(output_dir / "trainer"), "num_train_epochs": epochs, "per_device_train_batch_size": 32,
             "learning_rate": lr, "max_length": 64, "report_to": [], "save_strategy": "no", "logging_steps": 1000,
@@ -253,7 +257,7 @@ def build_artifacts(sizes: DemoSizes, seed: int, log: Callable[[str], None]) -> 
 
     data_dir = cached("data", data_inputs, build_data, log)
     # Models trained another way (the bf16 autocast and checkpointing of trl's defaults) are not reused.
-    recipe = {"precision": "fp32", "activation_checkpointing": False}
+    recipe = {k: v for k, v in device_training_args(cuda=False).items() if k in _RESULT_SETTINGS}  # any device
     sft_dir = cached("sft", {**data_inputs, "epochs": sizes.sft_epochs, "recipe": recipe},
                      lambda d: train_sft(d, data_dir, seed, sizes.sft_epochs), log)
     reward_dirs, accuracy = {}, {}

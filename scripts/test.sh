@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (first run only) and run the main test suite; `-m slow`, `-m long`, `-m backends` select the other CI
 # steps (pyproject.toml's markers). Two pytest workers (pytest-xdist), each test file on one worker (its module
-# fixtures built once), one torch thread per process: on 2 cores this beat one worker with two threads
-# (main suite 79 s against 102 s, end-to-end step 9 min 16 s against ~13 min: docs/results/test_suite.md).
+# fixtures built once), one torch thread per process: on 2 cores this was faster than one worker with two threads
+# (docs/results/test_suite.md).
 # CPPO_TEST_WORKERS=1 runs the tests in one process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
