@@ -13,7 +13,8 @@ A checkpoint is a directory `output_dir/checkpoints/step_<global step>/`:
 
 It is written into a temporary directory, fsynced, and renamed into place, so a kill leaves either
 the whole checkpoint or none. Loading verifies every hash; the newest checkpoint that verifies wins.
-The frozen π_{t−1} is not stored: `state.json` names the previous task's saved policy directory.
+The frozen π_{t−1} is not stored: `state.json` names the previous task's saved policy directory and holds the
+sha256 of every file each finished task saved (its policy, critic and memory), verified before a resume reads them.
 """
 
 from __future__ import annotations
@@ -141,6 +142,22 @@ def verify(directory: Path) -> str | None:
             return f"{name} is missing"
         if _sha256(path) != digest:
             return f"{name} does not match its sha256"
+    return None
+
+
+def tree_hashes(directory: Path, root: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by path relative to `root`."""
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def first_changed(hashes: dict[str, str], root: Path) -> str | None:
+    """What is wrong with the first file under `root` that no longer matches `hashes`, or None."""
+    for name, digest in hashes.items():
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match the sha256 it was saved with"
     return None
 
 

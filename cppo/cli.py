@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -23,7 +24,19 @@ def _is_main_process() -> bool:
 
 
 def train(args: argparse.Namespace) -> int:
+    if args.accelerate_config is not None:
+        if "LOCAL_RANK" in os.environ:
+            raise UserError("--accelerate-config starts `accelerate launch` itself: run `cppo train ... "
+                            "--accelerate-config NAME` on its own, not under a launcher")
+        from .launch import launch
+
+        flags = [*(["--resume", args.resume] if args.resume else []), *(["--force"] if args.force else []),
+                 *(["--overwrite"] if args.overwrite else [])]
+        return launch(args.config, args.overrides, args.accelerate_config, args.num_processes, flags)
     config = load_config(args.config, args.overrides, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    if _is_main_process():
+        for line in config.ignored():
+            print(f"cppo: warning: {line}", file=sys.stderr, flush=True)
     from .continual import run
 
     summary = run(config, resume=args.resume, force=args.force, overwrite=args.overwrite)
@@ -49,15 +62,30 @@ def sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     return run_sweep(args.sweep, jobs=args.jobs, report_only=args.report, dry_run=args.dry_run,
-                     wandb=args.wandb, create=args.create)
+                     wandb=args.wandb, create=args.create, new_sweep=args.new_sweep)
 
 
 def build_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import UserError
+    from .directories import listing, writable_directory
     from .models import build_tiny_gpt2
 
-    path = build_tiny_gpt2(args.out_dir)
+    out = Path(args.out_dir)
+    held = writable_directory(out, "build-tiny")
+    if held:
+        raise UserError(f"build-tiny: {out} is not empty ({listing(held)}): give a directory that does not exist "
+                        "yet or is empty")
+    try:
+        path = build_tiny_gpt2(out)
+    except OSError as e:
+        raise UserError(f"build-tiny: cannot write {out}: {e.strerror or e}") from None
     print(f"tiny GPT-2 and tokenizer written to {path}")
     return 0
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,6 +102,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a non-empty output_dir: what it holds is removed once this run has "
                         "finished its first step")
+    p.add_argument("--accelerate-config", metavar="NAME|PATH", default=None,
+                   help="start the processes with accelerate launch and this config (a file, or a shipped one: "
+                        "multi_gpu, zero2, zero3, fsdp2, ...), checked with the training config first")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="with --accelerate-config: processes to start (default: the config's num_processes)")
     p.set_defaults(run=train)
     p = commands.add_parser("demo", help="the whole pipeline offline on CPU: data, SFT, reward models, "
                                          "PPO and CPPO over three domains, report")
@@ -90,6 +123,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wandb", action="store_true",
                    help="write a wandb sweep definition per variant (wandb agent then runs the same trials)")
     p.add_argument("--create", action="store_true", help="with --wandb: also create the sweeps on the wandb server")
+    p.add_argument("--new-sweep", action="store_true",
+                   help="run a changed sweep file in the output_dir of an earlier sweep: its sweep.yaml and results "
+                        "move to OUTPUT_DIR/earlier/N/, its trials the new sweep also has are reused")
     p.set_defaults(run=sweep)
     p = commands.add_parser("build-tiny", help="write a tiny offline GPT-2 and its tokenizer to a directory")
     p.add_argument("out_dir")
@@ -101,8 +137,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
     if unknown:
         args.overrides = [*args.overrides, *unknown]
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "auto") and _OVERRIDE.match(resume) and not os.path.isdir(resume):
+        # `--resume key=value`: argparse gave the override to --resume as its CHECKPOINT (an existing
+        # directory of that name is still taken for the checkpoint).
+        args.overrides, args.resume = [*args.overrides, args.resume], "auto"
+    if getattr(args, "num_processes", None) is not None and args.accelerate_config is None:
+        parser.error("--num-processes goes with --accelerate-config")
     if getattr(args, "create", False) and not args.wandb:
         parser.error("--create goes with --wandb")
+    if getattr(args, "new_sweep", False) and (args.report or args.dry_run):
+        parser.error("--new-sweep starts a sweep: it does not go with --report or --dry-run")
     return args
 
 

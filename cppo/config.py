@@ -574,11 +574,42 @@ class Config:
                f"{num_processes}): each process answers whole prompts G times")
         _check(pcfg.kl_in == "reward" or pcfg.advantage == "grpo", "ppo.kl_in", pcfg.kl_in,
                "reward unless ppo.advantage is grpo")
+        self._refuse_what_cannot_take_effect()
         if self.uses_critic and self.model.value_init == "reward_model" and self.model.value_model is None:
             first = self.tasks[0].reward
             _check(first.model is not None, "model.value_init", self.model.value_init,
                    "'policy' when the first task's reward is not a reward model")
         return self
+
+    def _refuse_what_cannot_take_effect(self) -> None:
+        """A setting that would change nothing in this run is a mistake the user should hear of (docs/config.md)."""
+        m, pcfg = self.model, self.ppo
+        if not self.uses_critic:
+            why = f"with ppo.advantage: {pcfg.advantage} (critic-free: no value model is built)"
+            _check(m.value_model is None, "model.value_model", m.value_model, f"null {why}")
+        _check(pcfg.scale_rewards == "group" or pcfg.advantage == "grpo", "ppo.scale_rewards", pcfg.scale_rewards,
+               f"group (the default) with ppo.advantage: {pcfg.advantage} (it acts on grpo's advantages only)")
+        if self.uses_memory:
+            _check(len(self.tasks) > 1, "cppo.kr_source", self.cppo.kr_source,
+                   "rollouts on a one-task run (the memory holds earlier tasks' responses: there are none)")
+            _check(self.memory.batch_size <= self.memory.capacity, "memory.batch_size", self.memory.batch_size,
+                   f"<= memory.capacity ({self.memory.capacity}): a step cannot retrieve more entries than "
+                   "the memory holds")
+        _check(self.vllm.importance_sampling_cap is None or self.generation.engine == "vllm",
+               "vllm.importance_sampling_cap", self.vllm.importance_sampling_cap,
+               f"null with generation.engine: {self.generation.engine} (it corrects for tokens vLLM sampled)")
+
+    def ignored(self) -> list[str]:
+        """Settings this run ignores that a shared base config reasonably holds (the critic's initialisation,
+        learning rate and LoRA rank, under a critic-free estimator that an override or a sweep variant chose):
+        one `cppo: warning:` line each. An explicit critic (`model.value_model`) is an error instead."""
+        if self.uses_critic:
+            return []
+        found = [("model.value_init", self.model.value_init, "policy"),
+                 ("ppo.value_learning_rate", self.ppo.value_learning_rate, None),
+                 ("model.value_lora_r", self.model.value_lora_r, 0)]
+        return [f"{name}: {value!r} is ignored with ppo.advantage: {self.ppo.advantage} (critic-free: no value "
+                "model is built)" for name, value, unset in found if value != unset]
 
     def inputs(self) -> list[tuple[str, str]]:
         """(field, value) of every model, data file and reward source the run reads (paths or names)."""

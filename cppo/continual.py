@@ -21,7 +21,18 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from .checkpoint import STATE, CheckpointWriter, failpoint, prune, read_state, resolve_resume
+from .checkpoint import (
+    STATE,
+    CheckpointWriter,
+    checkpoints,
+    failpoint,
+    first_changed,
+    prune,
+    read_state,
+    resolve_resume,
+    tree_hashes,
+    verify,
+)
 from .config import Config, UserError, config_differences
 from .cppo_trainer import trainer_class
 from .data import PromptSet, build_prompt_set, left_pad
@@ -249,6 +260,7 @@ class Checkpointer:
         self.stage_index = 0
         self.final_stats: dict = {}
         self.stop_requested = False  # set by SIGTERM / SIGINT
+        self.task_outputs: dict[str, str] = {}  # sha256 of each finished task's saved files (the main process's)
 
     @contextlib.contextmanager
     def signal_handlers(self):
@@ -279,15 +291,21 @@ class Checkpointer:
             if stop:
                 raise Preempted(path)
 
-    def save(self, global_step: int, trainer: PPOTrainer | None = None, stage_complete: bool = False) -> Path:
+    def save(self, global_step: int, trainer: PPOTrainer | None = None, finished: Path | None = None) -> Path:
+        """A checkpoint; `finished`: the directory of the task that has just ended, whose saved files (which
+        the next task starts from) are hashed into it."""
         acc = self.session.accelerator
         config = self.session.config
         self.session.output.claim()
+        if finished is not None and acc.is_main_process:
+            self.task_outputs.update(tree_hashes(finished, Path(config.output_dir)))
         writer = CheckpointWriter(acc, config.output_dir, global_step)
         with writing(writer.final, "checkpoint"), writer as directory:
-            state = {"global_step": global_step, "stage_index": self.stage_index, "stage_complete": stage_complete,
+            state = {"global_step": global_step, "stage_index": self.stage_index,
+                     "stage_complete": finished is not None,
                      "matrix": {"row_names": self.matrix.row_names, "rows": self.matrix.rows},
-                     "run_id": self.run_id, "final_stats": self.final_stats, "config": config.to_dict()}
+                     "run_id": self.run_id, "final_stats": self.final_stats, "config": config.to_dict(),
+                     "task_outputs": self.task_outputs}
             if trainer is not None:
                 state["trainer"] = trainer.save_state(directory)
             if acc.is_main_process:
@@ -324,6 +342,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
     state = read_state(checkpoint) if checkpoint else None
     if state is not None:
         _check_resumable(state, config, checkpoint, force)
+        _check_task_outputs(state, out, checkpoint)
     # Every data file is read and tokenised before any model loads: bad data fails in seconds.
     prompt_sets = [task_prompts(session, i) for i in range(len(config.tasks))]
     evaluator = Evaluator(session)
@@ -338,6 +357,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
     if state is not None:
         matrix.row_names, matrix.rows = state["matrix"]["row_names"], state["matrix"]["rows"]
         checkpointer.final_stats = state["final_stats"]
+        checkpointer.task_outputs = dict(state.get("task_outputs", {}))
         if regularizer is not None and (checkpoint / "regularizer.pt").is_file():
             regularizer.load_state_dict(torch.load(checkpoint / "regularizer.pt", weights_only=False))
         if memory is not None:
@@ -372,7 +392,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
                     matrix.write(session)
                     session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
                 failpoint(f"task_end:{stage.name}")
-                checkpointer.save(trainer.global_step, stage_complete=True)
+                checkpointer.save(trainer.global_step, finished=stage.output_dir)
                 trainer.close()
                 del trainer
         except Preempted as stop:
@@ -418,6 +438,20 @@ def remember(trainer: PPOTrainer, memory: RolloutMemory, task_index: int) -> Non
                   "rewards near their maximum leave nothing above μ_R + kσ_R); select: all keeps every response",
                   file=sys.stderr, flush=True)
     session.tracker.log_extra(stats, trainer.global_step)
+
+
+def _check_task_outputs(state: dict, out: Path, checkpoint: Path) -> None:
+    """The finished tasks' saved files the resumed run reads (π_{t−1}, the critic it starts from, the memory)
+    are those they saved: a changed one is refused, naming it and any older checkpoint that does not need it."""
+    problem = first_changed(state.get("task_outputs", {}), out)
+    if problem is None:
+        return
+    older = [c for c in checkpoints(out) if c.name < checkpoint.name and verify(c) is None
+             and first_changed(read_state(c).get("task_outputs", {}), out) is None]
+    fallback = (f"; the newest checkpoint that does not read it is {older[-1]} (`--resume {older[-1]}` continues "
+                "from there)") if older else "; no older checkpoint does without it"
+    raise UserError(f"{out}: {problem} (checkpoint {checkpoint.name} resumes from that task's saved files); "
+                    f"restore it{fallback}")
 
 
 def _check_resumable(state: dict, config: Config, checkpoint: Path, force: bool) -> None:

@@ -97,8 +97,10 @@ def _save_atomically(model, tokenizer, out_dir: Path) -> Path:
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(out_dir)
-    except OSError:  # another process built it first
+    except OSError:
         shutil.rmtree(staging, ignore_errors=True)
+        if not (out_dir / "config.json").is_file():  # not another process's build of the same model
+            raise
     return out_dir
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint import checkpoints
 from .config import UserError
+from .directories import writable_directory
 
 
 class OutputDir:
@@ -38,15 +39,7 @@ class OutputDir:
         out = self.path
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in output_dir and --overwrite replaces it: give one")
-        if out.exists() and not out.is_dir():
-            raise UserError(f"output_dir: {out} is a file, not a directory")
-        ancestor = out
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise UserError(f"output_dir: {out} cannot be made: {ancestor} is a file, not a directory")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise UserError(f"output_dir: {out} is not writable ({ancestor} is read-only for this user)")
+        writable_directory(out, "output_dir")
         if self.resume or not out.is_dir():
             return
         entries = sorted(out.iterdir())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shlex
@@ -31,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from .config import UserError, config_differences, from_dict, load_config, read_yaml_mapping
+from .directories import listing, writable_directory
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 _NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -103,6 +105,18 @@ class Parameter:
 
     def applies(self, chosen: dict[str, Any]) -> bool:
         return all(key in chosen and chosen[key] in allowed for key, allowed in self.when)
+
+    def can_take(self, value: Any) -> bool:
+        if self.values is not None:
+            return any(json.dumps(value) == json.dumps(v) for v in self.values)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+            return False
+        return self.distribution == "int_uniform" and float(value).is_integer()  # a real draw never equals it
+
+    def describe(self) -> str:
+        if self.values is not None:
+            return "only " + ", ".join(map(repr, self.values))
+        return f"{self.distribution} values in [{self.low}, {self.high}]"
 
     def sample(self, rng: random.Random) -> Any:
         if self.values is not None:
@@ -178,6 +192,14 @@ def _validate(sweep: SweepConfig, path: Path) -> None:
             check("=" in item and bool(key), where, item, "key=value overrides")
             check(key not in ("output_dir", "seed"), where, item,
                   "free of output_dir and seed (the sweep sets them: `output_dir` and `seeds` in the sweep file)")
+    if sweep.launcher is not None:
+        try:
+            words = shlex.split(sweep.launcher)
+        except ValueError as e:
+            raise UserError(f"{path}: launcher must be a command line, got {sweep.launcher!r} ({e})") from None
+        check(bool(words), "launcher", sweep.launcher, "a command that stands for `python -m cppo`, or null")
+        check(shutil.which(words[0]) is not None, "launcher", sweep.launcher,
+              f"a command whose program exists ({words[0]!r} is not an executable file or on PATH)")
     for variant in _variants(sweep):
         _parameters(sweep, variant, path)  # every parameter's form checked before anything runs
 
@@ -212,6 +234,12 @@ def _parameters(sweep: SweepConfig, variant: str | None, path: Path) -> list[Par
                 raise UserError(f"{name}: when names '{other}', which is not a parameter listed before it "
                                 f"(earlier: {', '.join(earlier) or 'none'})")
         conditions = tuple((k, tuple(v) if isinstance(v, list) else (v,)) for k, v in when.items())
+        for other, wanted in conditions:
+            taken = next(p for p in parsed if p.key == other)
+            never = [v for v in wanted if not taken.can_take(v)]
+            if never:
+                raise UserError(f"{name}: when {{{other}: {never[0]!r}}} never holds: {other} takes "
+                                f"{taken.describe()}, so this parameter would never be swept")
         if ("values" in spec) == ("distribution" in spec):
             raise UserError(f"{name}: give either values: [...] or distribution: {' | '.join(DISTRIBUTIONS)}")
         if "values" in spec:
@@ -300,7 +328,7 @@ def resolve(sweep: SweepConfig, path: Path, chosen: list[tuple[str | None, dict]
     """Each setting on each seed as a Trial with its validated, resolved training config. A config error
     stops here, naming the setting, before any trial runs."""
     out = sweep_dir(sweep, path)
-    group = [] if yaml.safe_load(Path(sweep.base).read_text() or "{}").get("run_group") else [
+    group = [] if read_yaml_mapping(sweep.base, f"{path}: base").get("run_group") else [
         f"run_group={path.stem}"]  # the sweep's trials share one tracker group
     trials, names = [], {}
     for variant, params in chosen:
@@ -336,11 +364,67 @@ def _check_not_stale(out: Path, trials: list[Trial]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The sweep's directory: its own, and nothing in it written before everything has been checked.
+
+RECORDS = ("sweep.yaml", "results.jsonl", "results.md", "metric.png", "tradeoff.png")
+"""What a sweep writes at its top level (set aside by --new-sweep); its trials live in trials/."""
+_RUN_ONLY = ("jobs", "devices_per_trial", "output_dir")
+"""Sweep file keys that change how the trials run, not what they are or how they are ranked."""
+
+
+def sweep_differences(recorded: dict, given: dict) -> list[str]:
+    """The keys in which two sweep files define different sweeps."""
+    keys = sorted((set(recorded) | set(given)) - set(_RUN_ONLY))
+    return [k for k in keys if json.dumps(recorded.get(k), sort_keys=True) != json.dumps(given.get(k), sort_keys=True)]
+
+
+def check_directory(path: Path, out: Path, report_only: bool = False, new_sweep: bool = False) -> None:
+    """`out` is this sweep's: new or empty, or holding the sweep.yaml of the same sweep (`--new-sweep`: of any
+    sweep, whose records are then set aside). Anything else is refused before anything is written."""
+    held = writable_directory(out, f"{path}: output_dir") if not report_only or out.is_dir() else []
+    recorded = out / "sweep.yaml"
+    if report_only and not recorded.is_file():
+        found = f"it holds {listing(held)} and no sweep.yaml" if held else \
+            "it is empty" if out.is_dir() else "it does not exist"
+        raise UserError(f"--report: {out} holds no sweep ({found}); run `cppo sweep {path}` first")
+    if not held:
+        return
+    if not recorded.is_file():
+        raise UserError(f"{path}: output_dir {out} is not a sweep's directory (it holds {listing(held)} and no "
+                        "sweep.yaml): give the sweep another output_dir")
+    if path.resolve() == recorded.resolve():
+        return
+    changed = sweep_differences(read_yaml_mapping(recorded, "the sweep file"), read_yaml_mapping(path, "sweep file"))
+    if not changed or new_sweep:
+        return
+    what = f"{out} holds another sweep: {path} differs from its sweep.yaml in {', '.join(changed)}"
+    if report_only:
+        raise UserError(f"--report: {what}; its own results are rebuilt with `cppo sweep {recorded} --report`")
+    raise UserError(f"{what}, and its results would drop the trials {path} does not have: give the sweep another "
+                    f"output_dir, or --new-sweep to start it here (the earlier records move to {out}/earlier/)")
+
+
+def set_aside(out: Path) -> Path | None:
+    """--new-sweep: the earlier sweep's records into `out/earlier/N/` (its trials stay: those the new sweep
+    also has are reused)."""
+    present = [name for name in RECORDS if (out / name).is_file()]
+    if not present:
+        return None
+    earlier = out / "earlier"
+    number = 1 + max([int(p.name) for p in earlier.iterdir() if p.name.isdigit()] if earlier.is_dir() else [0])
+    target = earlier / str(number)
+    target.mkdir(parents=True)
+    for name in present:
+        os.replace(out / name, target / name)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
 # The command.
 
 
 def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = False, dry_run: bool = False,
-              wandb: bool = False, create: bool = False) -> int:
+              wandb: bool = False, create: bool = False, new_sweep: bool = False) -> int:
     from . import sweep_report
     from .sweep_run import Runner, hold_lock
 
@@ -352,32 +436,48 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
         sweep.jobs = jobs
     out = sweep_dir(sweep, path)
     search = resolve(sweep, path, settings(sweep, path), sweep.seeds, "search")
-    if wandb:
-        return write_wandb(sweep, path, out, create)
     if dry_run:
         for trial in search:
             print(f"{trial.name}: {' '.join(trial.overrides)}")
         print(f"{len(search)} trial(s){' before the held-out seeds' if sweep.confirm_seeds else ''}; "
               f"output in {out}", file=sys.stderr)
         return 0
+    check_directory(path, out, report_only, new_sweep)
+    if wandb:
+        return write_wandb(sweep, path, out, create)
     _check_not_stale(out, search)
+    sweep_report.check_metric(sweep, sweep_report.collect(sweep, out, search))
     if report_only:
-        if not out.is_dir():
-            raise UserError(f"no sweep results in {out}: run `cppo sweep {path}` first")
         print(sweep_report.write(sweep, path, out, search, confirm_trials(sweep, path, out, search)),
               file=sys.stderr)
         return 0
+    runner = Runner(sweep, out, sweep.jobs)  # checks the devices before anything is written
+    refused: list[UserError] = []
+
+    def settled(trials: list[Trial]) -> None:
+        """After each trial: the results so far; a metric the first finished trial lacks stops the sweep."""
+        try:
+            sweep_report.check_metric(sweep, sweep_report.write_jsonl(sweep, out, trials))
+        except UserError as e:
+            if not refused:
+                refused.append(e)
+                runner.stop_all()
+
     (out / "trials").mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a+") as lock:
         hold_lock(lock, out)
+        if new_sweep and (kept := set_aside(out)) is not None:
+            print(f"sweep: the earlier sweep's records are in {kept}", file=sys.stderr)
         if path.resolve() != (out / "sweep.yaml").resolve():  # `cppo sweep OUT/sweep.yaml` runs it again
             shutil.copyfile(path, out / "sweep.yaml")
-        runner = Runner(sweep, out, sweep.jobs, lock.fileno())
-        runner.run(search, lambda: sweep_report.write_jsonl(sweep, out, search))
+        runner.lock = lock.fileno()
+        runner.run(search, lambda: settled(search))
         confirm = [] if runner.stopping else confirm_trials(sweep, path, out, search)
         _check_not_stale(out, confirm)
         if confirm:
-            runner.run(confirm, lambda: sweep_report.write_jsonl(sweep, out, search + confirm))
+            runner.run(confirm, lambda: settled(search + confirm))
+        if refused:  # the running trials have saved a checkpoint and stopped
+            raise refused[0]
         summary = sweep_report.write(sweep, path, out, search, confirm)
     print(summary, file=sys.stderr)
     if runner.stopped_by is not None:  # the results above are partial: say so, and to a script by the exit code
@@ -431,7 +531,7 @@ def wandb_definitions(sweep: SweepConfig, path: Path, out: Path) -> dict[str, di
         if sweep.seeds:
             spec["seed"] = {"values": list(sweep.seeds)}
         where = f"output_dir={out / 'trials' / name_template(variant, [p.key for p in parameters])}"
-        base = yaml.safe_load(Path(sweep.base).read_text() or "{}")
+        base = read_yaml_mapping(sweep.base, f"{path}: base")
         group = [] if base.get("run_group") else [f"run_group={path.stem}"]
         command = ["cppo", "train", sweep.base, *group, *sweep.overrides,
                    *(sweep.variants[variant].overrides if variant else []), where, "report_to=[wandb]",

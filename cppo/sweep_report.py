@@ -11,6 +11,7 @@ import statistics
 import time
 from pathlib import Path
 
+from .config import UserError
 from .sweep import SweepConfig, Trial
 from .sweep_run import read_record
 
@@ -59,6 +60,32 @@ def collect(sweep: SweepConfig, out: Path, trials: list[Trial]) -> list[dict]:
                      "error": record.get("error") if status == "failed" else None, "summary": summary,
                      "wall_s": record.get("wall_s"), "output_dir": str(run_dir)})
     return rows
+
+
+def _keys(node: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the numbers in a summary."""
+    found = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            found += _keys(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def check_metric(sweep: SweepConfig, rows: list[dict]) -> None:
+    """A metric that none of the finished trials has would rank nothing: refused, naming what they have."""
+    finished = [r for r in rows if r["status"] == "finished"]
+    if not finished or any(r["metric"] is not None for r in finished):
+        return
+    names = _keys(finished[0]["summary"] or {})
+    metrics = Path(finished[0]["output_dir"]) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    names += [k for k, v in (json.loads(lines[-1]) if lines else {}).items()
+              if isinstance(v, int | float) and not isinstance(v, bool) and k not in names]
+    shown = [n for n in names if n.startswith(("reward.", "final_stats.reward")) or "/" not in n][:6] or names[:6]
+    raise UserError(f"metric.name must name a number the trials produce, got {sweep.metric.name!r}: none of the "
+                    f"{len(finished)} finished trial(s) has it (they have e.g. {', '.join(shown)})")
 
 
 def write_jsonl(sweep: SweepConfig, out: Path, trials: list[Trial]) -> list[dict]:
@@ -138,6 +165,7 @@ def write(sweep: SweepConfig, path: Path, out: Path, search: list[Trial], confir
     from . import __version__
 
     rows = write_jsonl(sweep, out, search + confirm)
+    check_metric(sweep, rows)
     searched = [r for r in rows if r["stage"] == "search"]
     held_out = [r for r in rows if r["stage"] == "confirm"]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "stopped", "pending")}

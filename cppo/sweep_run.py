@@ -73,7 +73,7 @@ class Runner:
     """Runs trials as `cppo train` processes in `jobs` slots; SIGINT/SIGTERM stop it cleanly: running trials
     are asked to stop (they save a checkpoint), nothing new starts; a second SIGINT kills them."""
 
-    def __init__(self, sweep: SweepConfig, out: Path, jobs: int, lock: int):
+    def __init__(self, sweep: SweepConfig, out: Path, jobs: int, lock: int | None = None):
         self.sweep, self.out, self.jobs, self.lock = sweep, out, jobs, lock
         self.launcher = shlex.split(sweep.launcher) if sweep.launcher else [sys.executable, "-m", "cppo"]
         processes = num_processes(sweep.launcher)
@@ -133,6 +133,11 @@ class Runner:
         self.stopping, self.stopped_by = True, signum
         print(f"sweep: stopping; {len(self.running)} running trial(s) save a checkpoint first "
               "(run the same command again to finish)", file=sys.stderr, flush=True)
+        self._signal_all(signal.SIGTERM)
+
+    def stop_all(self) -> None:
+        """Nothing new starts; the running trials save a checkpoint and stop (a sweep that cannot go on)."""
+        self.stopping = True
         self._signal_all(signal.SIGTERM)
 
     def _signal_all(self, signum: int) -> None:
@@ -228,7 +233,7 @@ def hold_lock(lock, out: Path) -> None:
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip()
-        if holder.isdigit() and _alive(int(holder)):
+        if holder.isdigit() and _live_sweep(int(holder)):
             raise UserError(f"another `cppo sweep` (pid {holder}) is running in {out}; wait for it or stop it "
                             "first") from None
         print(f"sweep: waiting for the trials of an earlier sweep in {out} to save a checkpoint and exit",
@@ -240,11 +245,38 @@ def hold_lock(lock, out: Path) -> None:
     lock.flush()
 
 
-def _alive(pid: int) -> bool:
+def _live_sweep(pid: int, grace_s: float = 5.0) -> bool:
+    """Whether `pid` is a `cppo sweep` that goes on running. A sweep just killed (SIGKILL, the OOM killer) is
+    not: its process may still exist for a moment (being torn down, or a zombie its parent has not reaped),
+    so a process that looks alive is watched for `grace_s` before it counts as live."""
+    deadline = time.monotonic() + grace_s
+    while _running(pid):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _running(pid: int) -> bool:
+    """The process exists, is not a zombie or dying, and is a `cppo sweep` (not another process that has
+    since been given the same pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():  # no /proc (macOS): what kill(0) says
+        return True
+    try:
+        status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
+        command = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:  # it has just gone
+        return False
+    if status.get("State", "").strip()[:1] in ("Z", "X"):
+        return False
+    pending = int(status.get("SigPnd", "0").strip(), 16) | int(status.get("ShdPnd", "0").strip(), 16)
+    if pending & (1 << (signal.SIGKILL - 1)):
+        return False
+    return any(b"sweep" in word for word in command)

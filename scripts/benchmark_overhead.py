@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cppo.config import load_config  # noqa: E402
+from cppo.config import load_config, read_yaml_mapping  # noqa: E402
 from cppo.continual import build_trainer  # noqa: E402
 from cppo.memory import RolloutMemory  # noqa: E402
 from cppo.memory import build as build_memory  # noqa: E402
@@ -41,6 +41,13 @@ METHODS = {
     "ppo_memory": ["algo=cppo", "cppo.ablation=alpha_one", "cppo.kr_source=memory", "memory.weighting=uniform"],
     "cppo_memory": ["algo=cppo", "cppo.weighting=heuristic", "cppo.kr_source=memory"],
 }
+
+
+def later_task(config_path: str) -> str:
+    """An override that adds a task after the config's first: a rollout memory holds an earlier task's responses,
+    so a memory method needs one (the steps timed are the first task's, as for the other methods)."""
+    first = read_yaml_mapping(config_path, "config file").get("tasks", [{}])[0]
+    return "tasks=" + json.dumps([first, {**first, "name": "later"}])
 
 
 def preset_overrides(preset: str, workdir: Path) -> list[str]:
@@ -68,7 +75,9 @@ def main() -> None:
     base = preset_overrides(args.preset, workdir)
     trainers, weighting_s, build_s = {}, {name: [] for name in METHODS}, {}
     for name, extra in METHODS.items():
-        config = load_config(args.config, [*base, *extra, f"ppo.steps={args.rounds + args.warmup}"])
+        memory = "cppo.kr_source=memory" in extra
+        config = load_config(args.config, [*base, *extra, *([later_task(args.config)] if memory else []),
+                                           f"ppo.steps={args.rounds + args.warmup}"])
         trainer = build_trainer(config)
         if config.uses_memory:
             start = time.perf_counter()

@@ -197,7 +197,7 @@ def test_two_processes_give_the_losses_and_gradient_of_one_without_a_critic(tmp_
     results = []
     for launcher, extra in (((), []), (TWO_PROCESSES, ["ppo.gradient_accumulation_steps=2"])):
         out = tmp_path / f"{len(results)}.json"
-        run_cppo(str(out), CPPO_TINY, *settings, *extra, launcher=launcher, program=script)
+        run_cppo(str(out), CONTINUAL, *settings, *extra, launcher=launcher, program=script)
         results.append(json.loads(out.read_text()))
     one, two = results
     assert two["processes"] == 2 and "loss/value" not in one["losses"] and one["losses"]["loss/policy"] != 0

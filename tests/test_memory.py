@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import CONTINUAL, CPPO_TINY, ROOT, TWO_PROCESSES, assert_same_run, read_metrics, run_cppo
+from conftest import CONTINUAL, ROOT, TWO_PROCESSES, assert_same_run, read_metrics, run_cppo
 
 from cppo.config import MemoryConfig, UserError, load_config
 from cppo.memory import (
@@ -256,7 +256,7 @@ def test_two_processes_give_the_losses_and_gradient_of_one_on_the_same_rollouts(
     results = []
     for launcher, extra in (((), []), (TWO_PROCESSES, ["ppo.gradient_accumulation_steps=2"])):
         out = tmp_path / f"{len(results)}.json"
-        run_cppo(str(out), CPPO_TINY, *settings, *extra, launcher=launcher, program=script)
+        run_cppo(str(out), CONTINUAL, *settings, *extra, launcher=launcher, program=script)
         results.append(json.loads(out.read_text()))
     one, two = results
     assert two["processes"] == 2 and one["retrieved"] == two["retrieved"] == 5

@@ -465,3 +465,24 @@ def test_a_process_that_does_not_report_the_error_leaves_after_the_one_that_does
     _, stderr = other.communicate(timeout=60)
     assert other.returncode == 2 and "cppo: error" not in stderr and "Traceback" not in stderr, stderr
     assert (tmp_path / "exits" / "rank_1").read_text() == "2"
+
+
+@pytest.mark.slow
+def test_a_launch_cppo_starts_ends_on_a_processs_error_with_its_one_line_and_exit_2(tmp_path):
+    """`cppo train --accelerate-config`: rank 1's reward function fails; the user sees that one line and exit 2,
+    not the launcher's traceback about the failed process (which `accelerate launch` by hand prints)."""
+    path = write(tmp_path / "rank1_reward.py", """
+        import os
+        def score(prompts, completions):
+            if os.environ["RANK"] == "1":
+                raise RuntimeError("reward server down")
+            return [0.5] * len(completions)
+    """)
+    result = run_cppo("train", TINY, *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score",
+                      "--accelerate-config", "multi_gpu", "--num-processes", "2", check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cppo: error:")]
+    assert len(lines) == 1 and "[rank 1] reward function" in lines[0] and "reward server down" in lines[0]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    assert "cppo: launching 2 process(es)" in result.stderr
+    assert not (tmp_path / "run").exists()

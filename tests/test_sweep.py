@@ -225,15 +225,18 @@ def test_a_trial_left_part_way_resumes_and_a_changed_config_is_not_reused(tmp_pa
     monkeypatch.setenv("FAKE_CALLS", str(log))
     path = sweep_file(tmp_path, launcher=FAKE, seeds=[1, 2])
     out = tmp_path / "s-out" / "trials"
-    (out / "seed1" / "checkpoints" / "step_00000003").mkdir(parents=True)  # what a stopped run leaves
+    (out / "seed1" / "checkpoints" / "step_00000003").mkdir(parents=True)  # what a stopped sweep leaves
+    (out.parent / "sweep.yaml").write_text(path.read_text())
     (out / "seed2").mkdir()
     (out / "seed2" / "metrics.jsonl").write_text("")  # stopped before its first checkpoint
     assert run_sweep(path) == 0
     assert [c["flags"] for c in calls(log)] == [["--resume"], ["--overwrite"]]
 
     changed = sweep_file(tmp_path, launcher=FAKE, seeds=[1, 2], overrides=["ppo.learning_rate=1e-3"])
-    with pytest.raises(UserError, match=r"trial seed1 in .* ran with other values of ppo.learning_rate"):
+    with pytest.raises(UserError, match=r"holds another sweep: .* differs from its sweep.yaml in overrides"):
         run_sweep(changed)
+    with pytest.raises(UserError, match=r"trial seed1 in .* ran with other values of ppo.learning_rate"):
+        run_sweep(changed, new_sweep=True)  # a new sweep in the same directory reuses no trial of another config
 
 
 # --- wandb -------------------------------------------------------------------------------------------------
