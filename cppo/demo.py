@@ -315,6 +315,25 @@ METHODS = {
 }
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """The demo writes runs/<method>/ and report/ into its directory, replacing its own earlier ones: a directory
+    holding anything else is refused before anything is trained or written."""
+    from .config import UserError
+    from .directories import listing, writable_directory
+
+    held = writable_directory(output_dir, "--output-dir")
+    runs = output_dir / "runs"
+    foreign = [name for name in held if name not in ("runs", "report")]
+    if runs.is_dir():
+        foreign += [f"runs/{p.name}" for p in sorted(runs.iterdir()) if p.name not in METHODS]
+    for name in ("runs", "report"):
+        if (output_dir / name).exists() and not (output_dir / name).is_dir():
+            foreign.append(name)
+    if foreign:
+        raise UserError(f"--output-dir: {output_dir} holds what is not the demo's ({listing(foreign)}); the demo "
+                        "replaces its own runs/ and report/ there: give a new or empty directory")
+
+
 def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Artifacts, then the continual run with PPO in order, with CPPO and with CPPO + rollout memory, then the
     report."""
@@ -322,6 +341,7 @@ def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[s
     from .session import reset_accelerate_state
 
     started = time.perf_counter()
+    check_output_dir(output_dir)
     artifacts = build_artifacts(sizes, seed, log)
     runs = {}
     for method, (algo, overrides) in METHODS.items():

@@ -357,7 +357,7 @@ def _check_not_stale(out: Path, trials: list[Trial]) -> None:
     for trial in trials:
         saved = out / "trials" / f"{trial.name}.yaml"
         if saved.is_file():
-            changed = config_differences(yaml.safe_load(saved.read_text()), trial.config)
+            changed = config_differences(read_yaml_mapping(saved, "the trial's config"), trial.config)
             if changed:
                 raise UserError(f"trial {trial.name} in {out} ran with other values of {', '.join(changed[:4])}: "
                                 f"give the sweep another output_dir, or remove {out}/trials/{trial.name}* to rerun it")

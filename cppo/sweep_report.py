@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import UserError
 from .sweep import SweepConfig, Trial
-from .sweep_run import read_record
+from .sweep_run import read_json, read_record, sha256_of
 
 CONTINUAL = ("final_average", "forgetting", "bwt", "fwt", "plasticity")
 
@@ -38,7 +38,11 @@ def metric_value(name: str, summary: dict, run_dir: Path) -> float | None:
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         lines = metrics.read_text().splitlines()
-        value = json.loads(lines[-1]).get(name) if lines else None
+        try:
+            value = json.loads(lines[-1]).get(name) if lines else None
+        except (json.JSONDecodeError, AttributeError):
+            raise UserError(f"{metrics}: its last line is not a JSON object; remove {run_dir}* to run that trial "
+                            "again") from None
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     return None
@@ -52,7 +56,12 @@ def collect(sweep: SweepConfig, out: Path, trials: list[Trial]) -> list[dict]:
         run_dir = out / "trials" / trial.name
         record = read_record(out, trial.name)
         summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        summary = read_json(summary_path, "the trial's summary") if summary_path.is_file() else None
+        recorded = record.get("summary_sha256")
+        if summary is not None and recorded is not None and sha256_of(summary_path) != recorded:
+            raise UserError(f"{summary_path} does not match the sha256 the sweep recorded when the trial finished "
+                            f"({out / 'trials' / trial.name}.json): restore it, or remove "
+                            f"{out / 'trials' / trial.name}* to run that trial again")
         status = "finished" if summary is not None else record.get("status", "pending")
         rows.append({"name": trial.name, "stage": trial.stage, "variant": trial.variant, "params": trial.params,
                      "seed": trial.seed, "overrides": trial.overrides, "status": status,

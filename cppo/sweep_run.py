@@ -7,6 +7,7 @@ started again after one that died waits until the old trials have saved their ch
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -187,8 +188,9 @@ class Runner:
         record["returncode"] = process.returncode
         record.setdefault("started", round(started, 1))
         record["ended"] = round(time.time(), 1)
-        if (self.out / "trials" / trial.name / "summary.json").is_file():
-            record.update(status="finished", error=None)
+        summary = self.out / "trials" / trial.name / "summary.json"
+        if summary.is_file():
+            record.update(status="finished", error=None, summary_sha256=sha256_of(summary))
             self.durations.append(wall)
             self.counts["finished"] += 1
             what = f"finished {trial.name} in {wall:.0f} s"
@@ -220,9 +222,25 @@ def config_yaml_from(resolved: dict) -> str:
     return yaml.safe_dump(resolved, sort_keys=False)
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file the sweep reads back (a trial's record or summary): a damaged one is one line naming it."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: {what} is unreadable ({type(e).__name__}); remove {path.parent / path.stem}* "
+                        "to run that trial again") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path}: {what} must hold a JSON object")
+    return found
+
+
 def read_record(out: Path, name: str) -> dict:
     path = out / "trials" / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "the trial's record") if path.is_file() else {}
 
 
 def hold_lock(lock, out: Path) -> None:

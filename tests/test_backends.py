@@ -179,9 +179,10 @@ def test_bf16_reference_computes_as_the_policy(backend, tmp_path):
     assert first["kl/mean"] == 0.0 and first["reward/mean"] > 0
 
 
-@pytest.mark.parametrize("backend", SHARDED)
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 def test_a_sharded_back_end_that_cannot_take_effect_is_a_one_line_error(backend, tmp_path):
-    """On a machine without GPUs accelerate would run plain DDP under a DeepSpeed or FSDP config."""
+    """On a machine without GPUs accelerate would run plain DDP under a DeepSpeed or FSDP config. (One DeepSpeed
+    stage: the check reads accelerate's distributed type, the same for every stage.)"""
     out = tmp_path / "out"
     result = launch(backend, out, force=False)
     exits = [(tmp_path / "out-exits" / f"rank_{r}") for r in (0, 1)]

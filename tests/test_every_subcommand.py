@@ -386,3 +386,43 @@ def test_the_launchers_report_of_a_process_that_reported_its_error_is_held_back(
     crash = ["Traceback (most recent call last):\n", "ZeroDivisionError: division by zero\n"]
     out = io.StringIO()
     assert relay(iter(crash), out) == (False, []) and out.getvalue() == "".join(crash)  # a crash is shown whole
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+def test_the_demo_refuses_a_directory_that_holds_what_is_not_its_own(tmp_path, capsys):
+    """Checked before any artifact is built: the demo replaces only its own runs/<method>/ and report/."""
+    mine = tmp_path / "mine"
+    (mine / "runs" / "my_experiment").mkdir(parents=True)
+    (mine / "notes.md").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for target, expected in ((mine, "holds what is not the demo's (notes.md, runs/my_experiment)"),
+                             (a_file, "is a file, not a directory"), (a_file / "demo", f"{a_file} is a file")):
+        refused(["demo", "--quick", "--output-dir", str(target)], capsys, expected, tmp_path)
+    from cppo.demo import check_output_dir
+
+    earlier = tmp_path / "earlier"  # a demo's own earlier output is the demo's to replace
+    (earlier / "runs" / "cppo").mkdir(parents=True)
+    (earlier / "report").mkdir()
+    check_output_dir(earlier)
+    check_output_dir(tmp_path / "new")
+
+
+def test_a_sweeps_records_are_verified_when_read_back(finished_sweep, capsys):
+    path, out, _ = finished_sweep
+    capsys.readouterr()
+    trial = out / "trials" / "learning_rate=0.0001-seed1"
+    record = json.loads((out / "trials" / f"{trial.name}.json").read_text())
+    assert len(record["summary_sha256"]) == 64
+    summary = json.loads((trial / "summary.json").read_text())
+    summary["reward"]["final_average"] = 99.0  # edited: still JSON, no longer what the trial wrote
+    (trial / "summary.json").write_text(json.dumps(summary))
+    refused(["sweep", str(path), "--report"], capsys, "does not match the sha256 the sweep recorded", out)
+    refused(["sweep", str(path)], capsys, "does not match the sha256 the sweep recorded", out)
+    (trial / "summary.json").write_text('{"reward": ')
+    refused(["sweep", str(path), "--report"], capsys, "the trial's summary is unreadable (JSONDecodeError)", out)
+    (out / "trials" / f"{trial.name}.json").write_bytes(b"\x00" * 16)
+    refused(["sweep", str(path), "--report"], capsys, "the trial's record is unreadable", out)
+    (out / "trials" / f"{trial.name}.yaml").write_text("seed: [1\n")
+    refused(["sweep", str(path), "--report"], capsys, "the trial's config", out)
