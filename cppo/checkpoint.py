@@ -136,13 +136,7 @@ def verify(directory: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         return "unreadable manifest"
-    for name, digest in manifest.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if _sha256(path) != digest:
-            return f"{name} does not match its sha256"
-    return None
+    return first_changed(manifest, directory)
 
 
 def tree_hashes(directory: Path, root: Path) -> dict[str, str]:

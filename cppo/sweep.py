@@ -463,8 +463,12 @@ def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = Fal
                 refused.append(e)
                 runner.stop_all()
 
-    (out / "trials").mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a+") as lock:
+    try:
+        (out / "trials").mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")  # noqa: SIM115 (the with below closes it)
+    except OSError as e:
+        raise UserError(f"{path}: output_dir {out} cannot be written: {e.strerror or e}") from None
+    with lock:
         hold_lock(lock, out)
         if new_sweep and (kept := set_aside(out)) is not None:
             print(f"sweep: the earlier sweep's records are in {kept}", file=sys.stderr)

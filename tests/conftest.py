@@ -192,12 +192,9 @@ class Killed(BaseException):
     """What the SIGKILL of a failpoint becomes in the test process (`killed_at`)."""
 
 
-@pytest.fixture
-def killed_at(monkeypatch):
-    """`killed_at("step:2:mid")`: the next in-process run stops at that failpoint (cppo/checkpoint.py) by raising
-    `Killed` instead of SIGKILL-ing the test process. It leaves the files a kill leaves; only the `finally` blocks
-    that a real kill skips (signal handlers put back, the tracker closed) run. The real SIGKILL is tested in
-    processes of their own (the `slow` and `long` resume tests)."""
+def kills_raise(monkeypatch) -> None:
+    """A failpoint's SIGKILL of this process raises `Killed` instead (for module-scoped fixtures, which
+    cannot use `killed_at`: give them a `pytest.MonkeyPatch()` of their own)."""
     import signal
 
     real_kill = os.kill
@@ -208,6 +205,15 @@ def killed_at(monkeypatch):
         real_kill(pid, sig)
 
     monkeypatch.setattr(os, "kill", kill)
+
+
+@pytest.fixture
+def killed_at(monkeypatch):
+    """`killed_at("step:2:mid")`: the next in-process run stops at that failpoint (cppo/checkpoint.py) by raising
+    `Killed` instead of SIGKILL-ing the test process. It leaves the files a kill leaves; only the `finally` blocks
+    that a real kill skips (signal handlers put back, the tracker closed) run. The real SIGKILL is tested in
+    processes of their own (the `slow` and `long` resume tests)."""
+    kills_raise(monkeypatch)
 
     def at(name: str | None) -> None:
         if name is None:

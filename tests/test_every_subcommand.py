@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONTINUAL, PYTHON, ROOT, TINY, Killed, one_error_line, run_in_process, snapshot
+from conftest import CONTINUAL, PYTHON, ROOT, TINY, Killed, kills_raise, one_error_line, run_in_process, snapshot
 from safetensors.torch import load_file
 
 from cppo.cli import main, parse
@@ -124,6 +124,7 @@ def test_a_sweep_refused_after_its_file_loaded_has_written_nothing(finished_swee
         "output_dir a file": ({"output_dir": str(a_file)}, "is a file, not a directory"),
         "output_dir under a file": ({"output_dir": str(a_file / "sweep")}, f"{a_file} is a file"),
         "launcher": ({"launcher": "no-such-launcher -m cppo"}, "'no-such-launcher' is not an executable"),
+        "output_dir unmakeable": ({"output_dir": "/proc/cppo-sweep"}, "output_dir /proc/cppo-sweep cannot be written"),
         "launcher quoting": ({"launcher": "python '-m cppo"}, "launcher must be a command line"),
         "when": ({"parameters": {"algo": ["ppo"], "cppo.kr_coef": {"values": [0.1], "when": {"algo": "cppo"}}}},
                  "when {algo: 'cppo'} never holds: algo takes only 'ppo'"),
@@ -227,14 +228,7 @@ def killed_in_task_2(tmp_path_factory):
     """A two-task run killed in the middle of its third step (task 2), a checkpoint after every step."""
     out = tmp_path_factory.mktemp("killed") / "run"
     mp = pytest.MonkeyPatch()
-    real_kill = os.kill
-
-    def kill(pid, sig):
-        if pid == os.getpid() and sig == signal.SIGKILL:
-            raise Killed(os.environ.get("CPPO_FAILPOINT"))
-        real_kill(pid, sig)
-
-    mp.setattr(os, "kill", kill)
+    kills_raise(mp)
     mp.setenv("CPPO_FAILPOINT", "step:3:mid")
     try:
         with pytest.raises(Killed):

@@ -420,17 +420,22 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step_and_resume
     assert read_metrics(straight, timing=False) == read_metrics(stopped, timing=False)
 
 
-@pytest.mark.slow
-def test_a_reward_failing_on_one_rank_stops_both_with_one_line(tmp_path):
-    """Each process scores its own share: when only rank 1's share makes the user's code raise, rank 1
-    reports it and rank 0 stops with it, without waiting in a collective or printing a traceback."""
-    path = write(tmp_path / "rank1_reward.py", """
+def rank_1_fails(tmp_path) -> str:
+    """A reward function that raises on rank 1 only."""
+    return write(tmp_path / "rank1_reward.py", """
         import os
         def score(prompts, completions):
             if os.environ["RANK"] == "1":
                 raise RuntimeError("reward server down")
             return [0.5] * len(completions)
     """)
+
+
+@pytest.mark.slow
+def test_a_reward_failing_on_one_rank_stops_both_with_one_line(tmp_path):
+    """Each process scores its own share: when only rank 1's share makes the user's code raise, rank 1
+    reports it and rank 0 stops with it, without waiting in a collective or printing a traceback."""
+    path = rank_1_fails(tmp_path)
     result = run_cppo("train", TINY, *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score",
                       launcher=TWO_PROCESSES, program=RANK_EXIT_SCRIPT, env={"RANK_EXIT_DIR": str(tmp_path / "exits")},
                       check=False)
@@ -471,13 +476,7 @@ def test_a_process_that_does_not_report_the_error_leaves_after_the_one_that_does
 def test_a_launch_cppo_starts_ends_on_a_processs_error_with_its_one_line_and_exit_2(tmp_path):
     """`cppo train --accelerate-config`: rank 1's reward function fails; the user sees that one line and exit 2,
     not the launcher's traceback about the failed process (which `accelerate launch` by hand prints)."""
-    path = write(tmp_path / "rank1_reward.py", """
-        import os
-        def score(prompts, completions):
-            if os.environ["RANK"] == "1":
-                raise RuntimeError("reward server down")
-            return [0.5] * len(completions)
-    """)
+    path = rank_1_fails(tmp_path)
     result = run_cppo("train", TINY, *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score",
                       "--accelerate-config", "multi_gpu", "--num-processes", "2", check=False)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -239,4 +239,5 @@ def test_files_in_subdirectories_of_a_checkpoint_are_hashed(tmp_path):
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     assert "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in manifest and verify(checkpoint) is None
     (checkpoint / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"shard of rank 0")
-    assert verify(checkpoint) == "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256"
+    assert verify(checkpoint) == ("deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match the sha256 it "
+                                  "was saved with")
