@@ -14,8 +14,16 @@ def __getattr__(name: str):
         from .cppo_trainer import CPPOTrainer
 
         return CPPOTrainer
-    if name in ("Config", "UserError", "load_config"):
-        from . import config
+    if name == "Config":
+        from .config import Config
 
-        return getattr(config, name)
+        return Config
+    if name == "UserError":
+        from .errors import UserError
+
+        return UserError
+    if name == "load_config":
+        from .config_loading import load_config
+
+        return load_config
     raise AttributeError(f"module 'cppo' has no attribute {name!r}")

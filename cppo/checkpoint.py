@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import UserError
+from .errors import UserError
 
 MANIFEST = "manifest.json"
 STATE = "state.json"

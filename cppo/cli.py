@@ -16,7 +16,8 @@ import sys
 import time
 import traceback
 
-from .config import UserError, load_config
+from .config_loading import load_config
+from .errors import UserError
 
 
 def _is_main_process() -> bool:
@@ -68,9 +69,9 @@ def sweep(args: argparse.Namespace) -> int:
 def build_tiny(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import UserError
+    from .builtin_models import build_tiny_gpt2
     from .directories import listing, writable_directory
-    from .models import build_tiny_gpt2
+    from .errors import UserError
 
     out = Path(args.out_dir)
     held = writable_directory(out, "build-tiny")
@@ -200,16 +201,13 @@ def report(error: UserError) -> bool:
     whether this process reported it."""
     from .outputs import write_error_log
 
-    if getattr(error, "quiet", False):  # another process failed and reports it
+    if error.quiet:  # another process failed and reports it
         return False
-    wraps = error.__cause__ is not None
-    own = getattr(error, "own", False) or wraps
-    if not own and not _is_main_process():
+    if not (error.own or error.wraps) and not _is_main_process():
         return False
-    rank = "" if _is_main_process() else f"[rank {os.environ['RANK']}] "
-    line = f"cppo: error: {rank}{error}"
-    if wraps:
-        log = write_error_log(error, getattr(error, "output_dir", None))
+    line = error.line(None if _is_main_process() else int(os.environ["RANK"]))
+    if error.wraps:
+        log = write_error_log(error, error.output_dir)
         if log is None:  # nowhere to keep it: the traceback goes to the terminal rather than be lost
             traceback.print_exception(error)
         line += f" (traceback: {log})" if log else ""

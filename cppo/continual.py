@@ -33,10 +33,12 @@ from .checkpoint import (
     tree_hashes,
     verify,
 )
-from .config import Config, UserError, config_differences
+from .config import Config
+from .config_loading import config_differences
 from .cppo_trainer import trainer_class
 from .data import PromptSet, build_prompt_set, left_pad
 from .engine import request_seed
+from .errors import UserError
 from .memory import RolloutMemory
 from .memory import build as build_memory
 from .metrics import summarize

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, UserError, exception_line
+from .config import DataConfig
+from .errors import UserError, exception_line
 
 # Builtin prompt sets: name → (number of prompts, seed)
 BUILTIN_PROMPTS = {"builtin:toy-prompts": (512, 0), "builtin:toy-prompts-eval": (64, 1)}

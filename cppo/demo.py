@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .models import build_tiny_gpt2, cache_dir, load_frozen, load_tokenizer
+from .builtin_models import build_tiny_gpt2, cache_dir
+from .models import load_frozen, load_tokenizer
 from .toy import FRAMES, SUBJECTS
 
 # The alphabet of answers: each domain's favourite characters, plus neutral ones.
@@ -281,7 +282,7 @@ def continual_config(artifacts: dict, output_dir: Path, algo: str, seed: int, st
     """The continual run over the demo's domains, as a validated `Config`."""
     import yaml
 
-    from .config import load_config
+    from .config_loading import load_config
 
     data = artifacts["data"]
     raw = {
@@ -318,8 +319,8 @@ METHODS = {
 def check_output_dir(output_dir: Path) -> None:
     """The demo writes runs/<method>/ and report/ into its directory, replacing its own earlier ones: a directory
     holding anything else is refused before anything is trained or written."""
-    from .config import UserError
     from .directories import listing, writable_directory
+    from .errors import UserError
 
     held = writable_directory(output_dir, "--output-dir")
     runs = output_dir / "runs"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import UserError
+from .errors import UserError
 
 
 def writable_directory(path: Path, field: str) -> list[str]:

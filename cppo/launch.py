@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import UserError, load_config, read_yaml_mapping
+from .config_loading import load_config, read_yaml_mapping
+from .errors import UserError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 """The accelerate configs shipped with cppo's source (configs/accelerate/NAME.yaml)."""

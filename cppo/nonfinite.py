@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .config import UserError
+from .errors import UserError
 from .rollout import Rollout
 
 

@@ -19,8 +19,8 @@ import traceback
 from pathlib import Path
 
 from .checkpoint import checkpoints
-from .config import UserError
 from .directories import writable_directory
+from .errors import UserError
 
 
 class OutputDir:
@@ -113,7 +113,7 @@ def write_error_log(error: BaseException, directory: Path | None) -> Path | None
     """The whole traceback of `error` (with its cause) appended to `directory/error.log`, or to
     `$CPPO_CACHE/errors/` when the run had not written into its output directory; None if neither can
     be written."""
-    from .models import cache_dir
+    from .builtin_models import cache_dir
 
     text = "".join(traceback.format_exception(error))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -17,7 +17,7 @@ import torch
 
 from . import core
 from .data import left_pad
-from .models import policy_response_logits
+from .modules import policy_response_logits
 from .rollout import generate
 
 

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .config import RewardConfig, UserError, exception_line
-from .models import (
-    is_causal_type,
-    load_frozen,
-    load_tokenizer,
-    position_ids_from_mask,
-    resolve_model_source,
-    same_tokenizer,
-)
+from .config import RewardConfig
+from .errors import UserError, exception_line
+from .models import is_causal_type, load_frozen, load_tokenizer, resolve_model_source, same_tokenizer
+from .modules import position_ids_from_mask
 
 
 def import_reward_function(spec: str) -> Callable:

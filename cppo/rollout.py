@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .core import logprobs_and_entropy, logprobs_from_logits, response_mask_from_stop
-from .models import policy_response_logits, token_scalars
+from .modules import policy_response_logits, token_scalars
 
 
 class PromptAndResponse:

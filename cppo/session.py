@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .config import Config, UserError
+from .config import Config
 from .data import PromptSet, build_prompt_set, check_data_source
 from .distributed import Backend, make_accelerator
 from .engine import check_vllm_installed
+from .errors import UserError
 from .models import (
     checkpoint_generation_config,
     context_length,
@@ -93,8 +94,7 @@ class Session:
             if not failed.item():
                 return
             if error is None:
-                error = UserError("another process failed (its error is reported by that process)")
-                error.quiet = True
+                error = UserError("another process failed (its error is reported by that process)", quiet=True)
             else:
                 error.own = True
         if error is not None:

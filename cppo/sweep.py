@@ -31,8 +31,9 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import UserError, config_differences, from_dict, load_config, read_yaml_mapping
+from .config_loading import config_differences, from_dict, load_config, read_yaml_mapping
 from .directories import listing, writable_directory
+from .errors import UserError
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 _NAME = re.compile(r"^[A-Za-z0-9._+-]+$")

@@ -11,7 +11,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import UserError
+from .errors import UserError
 from .sweep import SweepConfig, Trial
 from .sweep_run import read_json, read_record, sha256_of
 

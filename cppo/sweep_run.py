@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config import UserError
+from .errors import UserError
 from .sweep import SweepConfig, Trial, num_processes
 
 

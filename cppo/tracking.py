@@ -12,7 +12,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from .config import Config, config_yaml
+from .config import Config
+from .config_loading import config_yaml
 from .outputs import OutputDir, replace_text, writing
 
 # Shown on the progress bar / plain progress lines, in this order.

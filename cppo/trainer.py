@@ -19,11 +19,12 @@ from accelerate.utils import set_seed
 
 from . import core
 from .checkpoint import failpoint, restore_rng, rng_state
-from .config import UserError
 from .data import PromptStream, left_pad
 from .engine import request_seed
+from .errors import UserError
 from .memory import MemoryBatch, RolloutMemory, memory_denominator, retention_loss
-from .models import ActorCritic, checkpoint_generation_config, load_frozen, load_policy, load_value_model
+from .models import checkpoint_generation_config, load_frozen, load_policy, load_value_model
+from .modules import ActorCritic
 from .nonfinite import NonFiniteGuard
 from .outputs import writing
 from .rewards import RunningMoments, process_scores

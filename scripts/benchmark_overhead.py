@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cppo.config import load_config, read_yaml_mapping  # noqa: E402
+from cppo.builtin_models import build_tiny_gpt2  # noqa: E402
+from cppo.config_loading import load_config, read_yaml_mapping  # noqa: E402
 from cppo.continual import build_trainer  # noqa: E402
 from cppo.memory import RolloutMemory  # noqa: E402
 from cppo.memory import build as build_memory  # noqa: E402
-from cppo.models import build_tiny_gpt2  # noqa: E402
 
 METHODS = {
     "ppo": ["algo=ppo"],

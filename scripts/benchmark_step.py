@@ -150,7 +150,7 @@ def cppo_worker(args, phases_for):
     import yaml
 
     import cppo.trainer as trainer_module
-    from cppo.config import load_config
+    from cppo.config_loading import load_config
     from cppo.continual import build_trainer
     from cppo.models import load_tokenizer, resolve_model_source
 
@@ -453,7 +453,8 @@ def model_parameters(source: str) -> int:
 
 
 def benchmark_model(name: str, args, trl_dir: Path) -> dict:
-    from cppo.models import build_tiny_gpt2, resolve_model_source
+    from cppo.builtin_models import build_tiny_gpt2
+    from cppo.models import resolve_model_source
 
     policy, prompt_length = MODELS[name]
     if policy == "gpt2-14m":  # a random GPT-2 of 8 layers × 384
@@ -583,7 +584,7 @@ def main() -> None:
         parser.error(f"--generations must be >= 2 for cppo-rloo and cppo-grpo (their baseline is the prompt's "
                      f"other responses), got {args.generations}")
 
-    from cppo.models import cache_dir
+    from cppo.builtin_models import cache_dir
 
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     trl_dir = Path(args.trl_dir) if args.trl_dir else cache_dir() / f"trl-{TRL_VERSION}"

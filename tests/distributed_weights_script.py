@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from cppo.config import load_config
+from cppo.config_loading import load_config
 from cppo.continual import build_trainer
 from cppo.rollout import Rollout
 

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from cppo.config import load_config
+from cppo.config_loading import load_config
 from cppo.continual import build_trainer
 from cppo.memory import Entry, RolloutMemory
 from cppo.rollout import Rollout

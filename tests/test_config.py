@@ -2,7 +2,9 @@
 
 import pytest
 
-from cppo.config import Config, UserError, load_config
+from cppo.config import Config
+from cppo.config_loading import load_config
+from cppo.errors import UserError
 
 
 def write(tmp_path, text):
@@ -113,7 +115,7 @@ def test_a_field_added_since_a_config_was_saved_differs_only_when_set_away_from_
     it, or reusing the trial, is refused only when the field is now set to something else."""
     import copy
 
-    from cppo.config import config_differences
+    from cppo.config_loading import config_differences
 
     tiny = "configs/continual_tiny.yaml"
     current = load_config(tiny).to_dict()

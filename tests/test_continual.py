@@ -11,7 +11,7 @@ from conftest import tiny_continual as quick
 
 from cppo import metrics
 from cppo.cli import main
-from cppo.config import UserError
+from cppo.errors import UserError
 
 # ------------------------------------------------------------------------------------------ metrics
 
@@ -232,7 +232,7 @@ def test_long_prompts_truncate_or_drop():
 # ------------------------------------------------------------------------------------- baselines
 
 def trainer_with(tmp_path, regularizer, **extra):
-    from cppo.config import load_config
+    from cppo.config_loading import load_config
     from cppo.continual import build_trainer
 
     config = load_config(CONTINUAL, quick(tmp_path / "o", **{"algo": "ppo", "continual.regularizer": regularizer,
@@ -328,7 +328,7 @@ def test_lwf_is_zero_at_the_previous_policy_and_pulls_back(tmp_path):
     ("ppo", "previous_task", "lwf", False),
 ])
 def test_stage_lineage(tmp_path, algo, kl_reference, regularizer, expect_anchor):
-    from cppo.config import load_config
+    from cppo.config_loading import load_config
     from cppo.continual import stages
     from cppo.session import open_session, task_prompts
 

@@ -20,7 +20,8 @@ from conftest import (
 )
 
 from cppo import core
-from cppo.config import UserError, load_config
+from cppo.config_loading import load_config
+from cppo.errors import UserError
 
 # --- the estimators, by hand -------------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from conftest import CONTINUAL, PYTHON, ROOT, TINY, Killed, kills_raise, one_err
 from safetensors.torch import load_file
 
 from cppo.cli import main, parse
-from cppo.config import UserError, load_config
+from cppo.config_loading import load_config
+from cppo.errors import UserError
 from cppo.session import reset_accelerate_state
 
 FAKE = f"{PYTHON} {ROOT / 'tests' / 'sweep_fake_train.py'}"

@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import CONTINUAL, ROOT, TWO_PROCESSES, assert_same_run, read_metrics, run_cppo
 
-from cppo.config import MemoryConfig, UserError, load_config
+from cppo.config import MemoryConfig
+from cppo.config_loading import load_config
+from cppo.errors import UserError
 from cppo.memory import (
     Entry,
     MemoryBatch,

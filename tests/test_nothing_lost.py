@@ -331,8 +331,9 @@ def test_skip_drops_the_step_counts_it_and_stops_past_the_limit(tmp_path, capfd)
 @pytest.mark.parametrize("fault", ["loss", "gradient"])
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_non_finite_loss_or_gradient_never_reaches_the_weights(tmp_path, fault, mode):
-    from cppo.config import UserError, load_config
+    from cppo.config_loading import load_config
     from cppo.continual import build_trainer
+    from cppo.errors import UserError
 
     config = load_config(TINY, quick_overrides(tmp_path / "out", **{"ppo.on_nonfinite": mode}))
     trainer = build_trainer(config)

@@ -9,9 +9,11 @@ import pytest
 import torch
 from conftest import error_lines, quick_overrides, run_in_process
 
-from cppo.config import ModelConfig, load_config
+from cppo.builtin_models import build_tiny_gpt2
+from cppo.config import ModelConfig
+from cppo.config_loading import load_config
 from cppo.continual import Evaluator, build_trainer
-from cppo.models import build_tiny_gpt2, load_policy, resolve_model_source
+from cppo.models import load_policy, resolve_model_source
 from cppo.rollout import response_logprobs
 
 # Every processor a checkpoint's generation_config.json can switch on that changes the sampled distribution.

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, read_metrics, run_cppo
 from safetensors.torch import load_file
 
-from cppo.config import load_config
+from cppo.config_loading import load_config
 from cppo.continual import build_trainer
 from cppo.models import resolve_model_source
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, quick_overrides, run_cppo
 
-from cppo.config import load_config
+from cppo.config_loading import load_config
 from cppo.continual import build_trainer
 
 BENCHMARK = (str(ROOT / "scripts" / "benchmark_step.py"),)

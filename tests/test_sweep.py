@@ -20,7 +20,8 @@ import yaml
 from conftest import PYTHON, ROOT, subprocess_env
 
 from cppo.cli import main, parse
-from cppo.config import UserError, load_config
+from cppo.config_loading import load_config
+from cppo.errors import UserError
 from cppo.sweep import load_sweep, resolve, run_sweep, settings, wandb_definitions
 from cppo.sweep_report import t_interval
 

@@ -154,7 +154,7 @@ def test_lora_policy_uses_the_base_as_reference_and_saves_merged(tmp_path, tiny_
 def test_lora_critic_trains_adapters_and_its_head_and_saves_a_plain_critic(tmp_path, tiny_config, capsys):
     from transformers import AutoModelForSequenceClassification
 
-    from cppo.config import load_config
+    from cppo.config_loading import load_config
     from cppo.continual import build_trainer
     from cppo.session import reset_accelerate_state
 
@@ -188,7 +188,7 @@ def test_trackers_wandb_offline_and_tensorboard(tmp_path, tiny_config, capsys, m
 def test_gradient_accumulation_gives_the_same_gradient(tmp_path, tiny_config):
     """Token-weighted means are normalised over the whole mini-batch: splitting it into micro-batches
     changes the arithmetic order only, not the gradient."""
-    from cppo.config import load_config
+    from cppo.config_loading import load_config
     from cppo.continual import build_trainer
 
     gradients = []

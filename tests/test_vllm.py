@@ -48,7 +48,7 @@ def test_asking_for_vllm_without_it_is_one_line_and_exit_2(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from cppo.models import build_tiny_gpt2
+    from cppo.builtin_models import build_tiny_gpt2
 
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny")  # head size 32: vLLM takes it
 
