@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cppo.demo import DemoSizes, build_artifacts, continual_config  # noqa: E402
-from cppo.sweep import load_sweep, run_sweep, sweep_dir  # noqa: E402
-from cppo.sweep_report import t_interval  # noqa: E402
+from cppo.sweep import load_sweep, run_sweep  # noqa: E402
+from cppo.sweep.report import t_interval  # noqa: E402
+from cppo.sweep.spec import sweep_dir  # noqa: E402
 
 KEYS = ("final_average", "forgetting", "bwt", "plasticity", "task1_gain_lost")
 MEANS = ("final_average", "forgetting", "plasticity")

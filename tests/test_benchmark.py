@@ -12,7 +12,8 @@ import pytest
 import yaml
 from conftest import PYTHON, ROOT
 
-from cppo.sweep import load_sweep, resolve, run_sweep, settings
+from cppo.sweep import load_sweep, run_sweep
+from cppo.sweep.spec import resolve, settings
 
 SWEEP = ROOT / "configs" / "sweeps" / "benchmark_continual.yaml"
 TUNED = ["cppo_heuristic", "cppo_balance", "cppo_learned", "cppo_alpha_one", "cppo_beta_one", "cppo_kr_rollout",

@@ -154,7 +154,7 @@ def test_a_metric_no_trial_produces_is_refused_at_the_first_finished_trial(tmp_p
 def test_a_killed_sweep_is_not_taken_for_a_live_one(tmp_path):
     """The pid in a sweep's lock file: a live `cppo sweep` is live; a killed one that has not been reaped yet (a
     zombie), or a process that has since been given its pid, is not."""
-    from cppo.sweep_run import _live_sweep, hold_lock
+    from cppo.sweep.runner import _live_sweep, hold_lock
 
     def process(*words):
         return subprocess.Popen([PYTHON, "-c", "import time, sys; time.sleep(float(sys.argv[1]))", *words])

@@ -22,8 +22,10 @@ from conftest import PYTHON, ROOT, subprocess_env
 from cppo.cli import main, parse
 from cppo.config_loading import load_config
 from cppo.errors import UserError
-from cppo.sweep import load_sweep, resolve, run_sweep, settings, wandb_definitions
-from cppo.sweep_report import t_interval
+from cppo.sweep import load_sweep, run_sweep
+from cppo.sweep.report import t_interval
+from cppo.sweep.spec import resolve, settings
+from cppo.sweep.wandb_export import wandb_definitions
 
 BASE = str(ROOT / "configs" / "continual_tiny.yaml")
 FAKE = f"{PYTHON} {ROOT / 'tests' / 'sweep_fake_train.py'}"

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .sweep import SweepConfig, Trial, num_processes
+from ..errors import UserError
+from .spec import SweepConfig, Trial, num_processes
 
 
 def _die_with_parent(parent: int) -> None:
@@ -150,7 +150,7 @@ class Runner:
                 pass
 
     def _start(self, trial: Trial, slot: int) -> None:
-        from .checkpoint import checkpoints
+        from ..checkpoint import checkpoints
 
         trials = self.out / "trials"
         config_path, run_dir = trials / f"{trial.name}.yaml", trials / trial.name

@@ -1,39 +1,23 @@
-"""Config-driven sweeps: `cppo sweep SWEEP.yaml` expands trials and runs each as its own `cppo train` process.
-
-A sweep file names a training config (`base`), overrides for every trial, swept `parameters` (grid or random,
-with conditions), named `variants`, `seeds` and the `metric`. Every trial is validated against the training
-schema before any starts. Trials run `jobs` at a time, each in its own process (under `launcher` if given), so
-a trial that crashes never takes the sweep with it; this module never imports the trainer.
-
-On disk, under the sweep's `output_dir`:
-    sweep.yaml               the sweep file as last run
-    trials/NAME.yaml         the trial's resolved training config     trials/NAME/   its output_dir
-    trials/NAME.log          its output, every attempt                trials/NAME.json  status, error, wall time
-    results.jsonl, results.md, metric.png, tradeoff.png (cppo/sweep_report.py)
-Trials are run by cppo/sweep_run.py.
-Running the same command again reuses finished trials, resumes stopped ones from their newest checkpoint and
-retries failed ones; `--report` rebuilds the results from what is on disk.
-"""
+"""A sweep file and what it expands to: its schema (`SweepConfig`), the settings of its grid or random
+search, and the `Trial`s, each with its validated, resolved training config. Nothing here imports torch
+or the trainer: a sweep only starts `cppo train` processes."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from .config_loading import config_differences, from_dict, load_config, read_yaml_mapping
-from .directories import listing, writable_directory
-from .errors import UserError
+from ..config_loading import config_differences, from_dict, load_config, read_yaml_mapping
+from ..errors import UserError
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 _NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -201,15 +185,15 @@ def _validate(sweep: SweepConfig, path: Path) -> None:
         check(bool(words), "launcher", sweep.launcher, "a command that stands for `python -m cppo`, or null")
         check(shutil.which(words[0]) is not None, "launcher", sweep.launcher,
               f"a command whose program exists ({words[0]!r} is not an executable file or on PATH)")
-    for variant in _variants(sweep):
-        _parameters(sweep, variant, path)  # every parameter's form checked before anything runs
+    for variant in variant_names(sweep):
+        variant_parameters(sweep, variant, path)  # every parameter's form checked before anything runs
 
 
-def _variants(sweep: SweepConfig) -> list[str | None]:
+def variant_names(sweep: SweepConfig) -> list[str | None]:
     return list(sweep.variants) or [None]
 
 
-def _parameters(sweep: SweepConfig, variant: str | None, path: Path) -> list[Parameter]:
+def variant_parameters(sweep: SweepConfig, variant: str | None, path: Path) -> list[Parameter]:
     """The parameters swept in `variant`: the sweep's, then the variant's own (which replace same-named ones)."""
     raw = {**sweep.parameters, **(sweep.variants[variant].parameters if variant else {})}
     where = f"variants.{variant}.parameters" if variant else "parameters"
@@ -271,8 +255,8 @@ def settings(sweep: SweepConfig, path: Path) -> list[tuple[str | None, dict[str,
     """(variant, {key: value}) of every setting, in a stable order: variants as listed, then the grid's
     combinations in parameter order (or the random draws, seeded by `sample_seed` and the variant's name)."""
     found = []
-    for variant in _variants(sweep):
-        parameters = _parameters(sweep, variant, path)
+    for variant in variant_names(sweep):
+        parameters = variant_parameters(sweep, variant, path)
         if sweep.method == "grid":
             chosen: list[dict] = [{}]
             for p in parameters:  # a parameter whose condition fails leaves that combination as it is
@@ -353,7 +337,7 @@ def resolve(sweep: SweepConfig, path: Path, chosen: list[tuple[str | None, dict]
     return trials
 
 
-def _check_not_stale(out: Path, trials: list[Trial]) -> None:
+def check_not_stale(out: Path, trials: list[Trial]) -> None:
     """A trial on disk that ran another config (the base or the overrides changed since) is not reused."""
     for trial in trials:
         saved = out / "trials" / f"{trial.name}.yaml"
@@ -362,207 +346,3 @@ def _check_not_stale(out: Path, trials: list[Trial]) -> None:
             if changed:
                 raise UserError(f"trial {trial.name} in {out} ran with other values of {', '.join(changed[:4])}: "
                                 f"give the sweep another output_dir, or remove {out}/trials/{trial.name}* to rerun it")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The sweep's directory: its own, and nothing in it written before everything has been checked.
-
-RECORDS = ("sweep.yaml", "results.jsonl", "results.md", "metric.png", "tradeoff.png")
-"""What a sweep writes at its top level (set aside by --new-sweep); its trials live in trials/."""
-_RUN_ONLY = ("jobs", "devices_per_trial", "output_dir")
-"""Sweep file keys that change how the trials run, not what they are or how they are ranked."""
-
-
-def sweep_differences(recorded: dict, given: dict) -> list[str]:
-    """The keys in which two sweep files define different sweeps."""
-    keys = sorted((set(recorded) | set(given)) - set(_RUN_ONLY))
-    return [k for k in keys if json.dumps(recorded.get(k), sort_keys=True) != json.dumps(given.get(k), sort_keys=True)]
-
-
-def check_directory(path: Path, out: Path, report_only: bool = False, new_sweep: bool = False) -> None:
-    """`out` is this sweep's: new or empty, or holding the sweep.yaml of the same sweep (`--new-sweep`: of any
-    sweep, whose records are then set aside). Anything else is refused before anything is written."""
-    held = writable_directory(out, f"{path}: output_dir") if not report_only or out.is_dir() else []
-    recorded = out / "sweep.yaml"
-    if report_only and not recorded.is_file():
-        found = f"it holds {listing(held)} and no sweep.yaml" if held else \
-            "it is empty" if out.is_dir() else "it does not exist"
-        raise UserError(f"--report: {out} holds no sweep ({found}); run `cppo sweep {path}` first")
-    if not held:
-        return
-    if not recorded.is_file():
-        raise UserError(f"{path}: output_dir {out} is not a sweep's directory (it holds {listing(held)} and no "
-                        "sweep.yaml): give the sweep another output_dir")
-    if path.resolve() == recorded.resolve():
-        return
-    changed = sweep_differences(read_yaml_mapping(recorded, "the sweep file"), read_yaml_mapping(path, "sweep file"))
-    if not changed or new_sweep:
-        return
-    what = f"{out} holds another sweep: {path} differs from its sweep.yaml in {', '.join(changed)}"
-    if report_only:
-        raise UserError(f"--report: {what}; its own results are rebuilt with `cppo sweep {recorded} --report`")
-    raise UserError(f"{what}, and its results would drop the trials {path} does not have: give the sweep another "
-                    f"output_dir, or --new-sweep to start it here (the earlier records move to {out}/earlier/)")
-
-
-def set_aside(out: Path) -> Path | None:
-    """--new-sweep: the earlier sweep's records into `out/earlier/N/` (its trials stay: those the new sweep
-    also has are reused)."""
-    present = [name for name in RECORDS if (out / name).is_file()]
-    if not present:
-        return None
-    earlier = out / "earlier"
-    number = 1 + max([int(p.name) for p in earlier.iterdir() if p.name.isdigit()] if earlier.is_dir() else [0])
-    target = earlier / str(number)
-    target.mkdir(parents=True)
-    for name in present:
-        os.replace(out / name, target / name)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------
-# The command.
-
-
-def run_sweep(path: str | Path, jobs: int | None = None, report_only: bool = False, dry_run: bool = False,
-              wandb: bool = False, create: bool = False, new_sweep: bool = False) -> int:
-    from . import sweep_report
-    from .sweep_run import Runner, hold_lock
-
-    path = Path(path)
-    sweep = load_sweep(path)
-    if jobs is not None:
-        if jobs <= 0:
-            raise UserError(f"--jobs must be > 0, got {jobs}")
-        sweep.jobs = jobs
-    out = sweep_dir(sweep, path)
-    search = resolve(sweep, path, settings(sweep, path), sweep.seeds, "search")
-    if dry_run:
-        for trial in search:
-            print(f"{trial.name}: {' '.join(trial.overrides)}")
-        print(f"{len(search)} trial(s){' before the held-out seeds' if sweep.confirm_seeds else ''}; "
-              f"output in {out}", file=sys.stderr)
-        return 0
-    check_directory(path, out, report_only, new_sweep)
-    if wandb:
-        return write_wandb(sweep, path, out, create)
-    _check_not_stale(out, search)
-    sweep_report.check_metric(sweep, sweep_report.collect(sweep, out, search))
-    if report_only:
-        print(sweep_report.write(sweep, path, out, search, confirm_trials(sweep, path, out, search)),
-              file=sys.stderr)
-        return 0
-    runner = Runner(sweep, out, sweep.jobs)  # checks the devices before anything is written
-    refused: list[UserError] = []
-
-    def settled(trials: list[Trial]) -> None:
-        """After each trial: the results so far; a metric the first finished trial lacks stops the sweep."""
-        try:
-            sweep_report.check_metric(sweep, sweep_report.write_jsonl(sweep, out, trials))
-        except UserError as e:
-            if not refused:
-                refused.append(e)
-                runner.stop_all()
-
-    try:
-        (out / "trials").mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")  # noqa: SIM115 (the with below closes it)
-    except OSError as e:
-        raise UserError(f"{path}: output_dir {out} cannot be written: {e.strerror or e}") from None
-    with lock:
-        hold_lock(lock, out)
-        if new_sweep and (kept := set_aside(out)) is not None:
-            print(f"sweep: the earlier sweep's records are in {kept}", file=sys.stderr)
-        if path.resolve() != (out / "sweep.yaml").resolve():  # `cppo sweep OUT/sweep.yaml` runs it again
-            shutil.copyfile(path, out / "sweep.yaml")
-        runner.lock = lock.fileno()
-        runner.run(search, lambda: settled(search))
-        confirm = [] if runner.stopping else confirm_trials(sweep, path, out, search)
-        _check_not_stale(out, confirm)
-        if confirm:
-            runner.run(confirm, lambda: settled(search + confirm))
-        if refused:  # the running trials have saved a checkpoint and stopped
-            raise refused[0]
-        summary = sweep_report.write(sweep, path, out, search, confirm)
-    print(summary, file=sys.stderr)
-    if runner.stopped_by is not None:  # the results above are partial: say so, and to a script by the exit code
-        print("sweep: stopped before every trial finished; run the same command again to finish", file=sys.stderr)
-        return 128 + runner.stopped_by
-    return 0
-
-
-def confirm_trials(sweep: SweepConfig, path: Path, out: Path, search: list[Trial]) -> list[Trial]:
-    """Each confirmed variant's best setting (every seed finished; mean metric) on the held-out seeds."""
-    from .sweep_report import best_settings, collect
-
-    if not sweep.confirm_seeds:
-        return []
-    rows = collect(sweep, out, search)
-    confirmed = {v for v in _variants(sweep) if v is None or sweep.variants[v].confirm}
-    best = best_settings(sweep, [r for r in rows if r["variant"] in confirmed])
-    return resolve(sweep, path, [(variant, params) for variant, params in best.values()], sweep.confirm_seeds,
-                   "confirm")
-
-
-# ---------------------------------------------------------------------------------------------------
-# wandb: the same trials driven by `wandb agent`.
-
-
-def wandb_metric(name: str) -> str:
-    """The key a trial logs `name` under in wandb: the last step's stats as themselves (`reward/mean`),
-    the rest of summary.json as `summary/reward/final_average` (cppo.tracking.Tracker.log_summary)."""
-    if name.startswith("final_stats."):
-        return name.removeprefix("final_stats.")
-    return "summary/" + name.replace(".", "/") if "." in name else name
-
-
-def wandb_definitions(sweep: SweepConfig, path: Path, out: Path) -> dict[str, dict]:
-    """One wandb sweep definition per variant: the variant's overrides go into the command, its parameters
-    and the seeds into `parameters`; each run's output_dir is the native trial's."""
-    found = {}
-    for variant in _variants(sweep):
-        parameters = _parameters(sweep, variant, path)
-        conditional = [p.key for p in parameters if p.when]
-        if conditional:
-            raise UserError(f"--wandb: parameter '{conditional[0]}' has a condition (when), which a wandb sweep "
-                            "cannot express; use variants instead")
-        spec = {}
-        for p in parameters:
-            if p.values is not None:
-                spec[p.key] = {"values": list(p.values)}
-            else:
-                kind = {"log_uniform": "log_uniform_values"}.get(p.distribution, p.distribution)
-                spec[p.key] = {"distribution": kind, "min": p.low, "max": p.high}
-        if sweep.seeds:
-            spec["seed"] = {"values": list(sweep.seeds)}
-        where = f"output_dir={out / 'trials' / name_template(variant, [p.key for p in parameters])}"
-        base = read_yaml_mapping(sweep.base, f"{path}: base")
-        group = [] if base.get("run_group") else [f"run_group={path.stem}"]
-        command = ["cppo", "train", sweep.base, *group, *sweep.overrides,
-                   *(sweep.variants[variant].overrides if variant else []), where, "report_to=[wandb]",
-                   "${args_no_hyphens}"]
-        name = f"{path.stem}-{variant}" if variant else path.stem
-        found[variant or path.stem] = {
-            "name": name, "method": sweep.method, "command": command, "parameters": spec,
-            "metric": {"name": wandb_metric(sweep.metric.name), "goal": sweep.metric.goal}}
-    return found
-
-
-def write_wandb(sweep: SweepConfig, path: Path, out: Path, create: bool) -> int:
-    definitions = wandb_definitions(sweep, path, out)
-    (out / "wandb").mkdir(parents=True, exist_ok=True)
-    project = load_config(sweep.base, list(sweep.overrides)).project
-    for name, definition in definitions.items():
-        target = out / "wandb" / f"{name}.yaml"
-        target.write_text(yaml.safe_dump(definition, sort_keys=False))
-        if create:
-            import wandb
-
-            sweep_id = wandb.sweep(sweep=definition, project=project)
-            print(f"created wandb sweep {definition['name']}: wandb agent {project}/{sweep_id}")
-        else:
-            print(f"wrote {target}: create it with `wandb sweep --project {project} {target}`")
-    if sweep.confirm_seeds:
-        print("note: wandb sweeps have no held-out stage; run `cppo sweep` for confirm_seeds", file=sys.stderr)
-    return 0
-

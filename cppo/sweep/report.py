@@ -11,9 +11,9 @@ import statistics
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .sweep import SweepConfig, Trial
-from .sweep_run import read_json, read_record, sha256_of
+from ..errors import UserError
+from .runner import read_json, read_record, sha256_of
+from .spec import SweepConfig, Trial
 
 CONTINUAL = ("final_average", "forgetting", "bwt", "fwt", "plasticity")
 
@@ -171,7 +171,7 @@ def _describe(variant: str | None, params: dict) -> str:
 
 def write(sweep: SweepConfig, path: Path, out: Path, search: list[Trial], confirm: list[Trial]) -> str:
     """Write results.jsonl, results.md and the plots from what is on disk; returns a few lines for the terminal."""
-    from . import __version__
+    from .. import __version__
 
     rows = write_jsonl(sweep, out, search + confirm)
     check_metric(sweep, rows)
