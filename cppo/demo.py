@@ -338,7 +338,8 @@ def check_output_dir(output_dir: Path) -> None:
 def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Artifacts, then the continual run with PPO in order, with CPPO and with CPPO + rollout memory, then the
     report."""
-    from . import continual, report
+    from . import continual
+    from .continual import report
     from .session import reset_accelerate_state
 
     started = time.perf_counter()

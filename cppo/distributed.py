@@ -158,17 +158,6 @@ class Backend:
                 "micro_batch_per_process": mini // pcfg.gradient_accumulation_steps,
                 "gradient_accumulation_steps": pcfg.gradient_accumulation_steps}
 
-    def check(self, config: Config) -> None:
-        """What the back end cannot do with this config, as one line before any model loads."""
-        if self.sharded_weights and config.continual.regularizer in ("l2", "ewc", "mas"):
-            raise UserError(f"continual.regularizer {config.continual.regularizer} penalises every weight against a "
-                            f"whole copy and needs whole weights in each process; {self.name} shards them (use DDP or "
-                            "DeepSpeed ZeRO-2, or regularizer lwf)")
-        if self.sharded_weights and config.continual.regularizer == "lwf" and config.model.lora_r > 0:
-            raise UserError(f"continual.regularizer lwf with model.lora_r {config.model.lora_r} reads π_{{t−1}} as the "
-                            f"policy with its adapters off inside every update, a forward {self.name} cannot make on "
-                            "sharded weights (use DDP or DeepSpeed ZeRO-2, or model.lora_r 0)")
-
     # ---------------------------------------------------------------------------------- wrapping
 
     def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:

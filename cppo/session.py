@@ -119,7 +119,6 @@ def open_session(config: Config, output: OutputDir | None = None) -> Session:
     accelerator = make_accelerator(config)
     config.validate(accelerator.num_processes)
     backend = Backend(accelerator)
-    backend.check(config)
     mcfg = config.model
     initial = resolve_model_source(mcfg.policy, "model.policy")
     tokenizer = load_tokenizer(resolve_model_source(mcfg.tokenizer, "model.tokenizer") if mcfg.tokenizer else initial,

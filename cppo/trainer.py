@@ -47,7 +47,7 @@ class PPOTrainer(NonFiniteGuard):
     It trains one `Stage` (a task, or the union of tasks) of a `Session`. Subclasses change the
     algorithm through two hooks, never the loop: `prepare_losses` (per-rollout weights of each loss
     term, and anything else the terms need) and `extra_losses` (added terms). A continual-learning
-    `regularizer` (cppo.regularizers) adds its penalty as one more term.
+    `regularizer` (cppo.continual.regularizers) adds its penalty as one more term.
     """
 
     def __init__(self, session: Session, stage: Stage, regularizer=None, memory: RolloutMemory | None = None):

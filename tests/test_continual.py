@@ -9,8 +9,8 @@ import torch
 from conftest import CONTINUAL, error_lines, read_metrics, run_cppo, run_in_process
 from conftest import tiny_continual as quick
 
-from cppo import metrics
 from cppo.cli import main
+from cppo.continual import metrics
 from cppo.errors import UserError
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -274,17 +274,17 @@ def test_parameter_penalties_are_zero_at_the_anchor_and_pull_back(tmp_path, name
     trainer = trainer_with(tmp_path, name)
     regularizer = trainer.regularizer
     if name != "l2":
-        import cppo.regularizers
+        import cppo.continual.regularizers
 
         calls = []
-        real_generate = cppo.regularizers.generate
+        real_generate = cppo.continual.regularizers.generate
 
         def spy(policy, prompt_ids, *args, **kwargs):
             out = real_generate(policy, prompt_ids, *args, **kwargs)
             calls.append((prompt_ids.shape[0], out[1].sum().item()))
             return out
 
-        monkeypatch.setattr(cppo.regularizers, "generate", spy)
+        monkeypatch.setattr(cppo.continual.regularizers, "generate", spy)
         regularizer.task_end(trainer)  # importance of the current (task-end) weights
         # estimated on responses sampled autoregressively for 6 prompts, not on a pass over the prompts
         assert len(calls) == 1 and calls[0][0] == 6 and calls[0][1] >= 6
@@ -329,7 +329,7 @@ def test_lwf_is_zero_at_the_previous_policy_and_pulls_back(tmp_path):
 ])
 def test_stage_lineage(tmp_path, algo, kl_reference, regularizer, expect_anchor):
     from cppo.config_loading import load_config
-    from cppo.continual import stages
+    from cppo.continual.runner import stages
     from cppo.session import open_session, task_prompts
 
     config = load_config(CONTINUAL, quick(tmp_path / "o", algo=algo, **{"cppo.kl_reference": kl_reference,

@@ -370,7 +370,7 @@ def test_a_non_finite_loss_or_gradient_never_reaches_the_weights(tmp_path, fault
 
 
 def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_stops_at_once():
-    from cppo.continual import Checkpointer
+    from cppo.continual.runner import Checkpointer
 
     checkpointer = Checkpointer.__new__(Checkpointer)
     checkpointer.stop_requested = False

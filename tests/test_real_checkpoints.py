@@ -12,7 +12,8 @@ from conftest import error_lines, quick_overrides, run_in_process
 from cppo.builtin_models import build_tiny_gpt2
 from cppo.config import ModelConfig
 from cppo.config_loading import load_config
-from cppo.continual import Evaluator, build_trainer
+from cppo.continual import build_trainer
+from cppo.continual.evaluation import Evaluator
 from cppo.models import load_policy, resolve_model_source
 from cppo.rollout import response_logprobs
 

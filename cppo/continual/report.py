@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .weighting import weights_at
+from ..weighting import weights_at
 
 SUMMARY_KEYS = ("final_average", "forgetting", "bwt", "fwt", "plasticity")
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from . import core
-from .data import left_pad
-from .modules import policy_response_logits
-from .rollout import generate
+from .. import core
+from ..data import left_pad
+from ..errors import UserError
+from ..modules import policy_response_logits
+from ..rollout import generate
 
 
 class Regularizer:
@@ -186,8 +187,18 @@ class LwF(Regularizer):
         return core.masked_mean(kl, mb.response_mask, None, token_denominator)
 
 
-def build_regularizer(config) -> Regularizer | None:
+def build_regularizer(config, backend) -> Regularizer | None:
+    """The configured baseline, or None; one line, before any model loads, where the back end cannot
+    compute it."""
     ccfg = config.continual
+    if backend.sharded_weights and ccfg.regularizer in ("l2", "ewc", "mas"):
+        raise UserError(f"continual.regularizer {ccfg.regularizer} penalises every weight against a whole copy and "
+                        f"needs whole weights in each process; {backend.name} shards them (use DDP or DeepSpeed "
+                        "ZeRO-2, or regularizer lwf)")
+    if backend.sharded_weights and ccfg.regularizer == "lwf" and config.model.lora_r > 0:
+        raise UserError(f"continual.regularizer lwf with model.lora_r {config.model.lora_r} reads π_{{t−1}} as the "
+                        f"policy with its adapters off inside every update, a forward {backend.name} cannot make on "
+                        "sharded weights (use DDP or DeepSpeed ZeRO-2, or model.lora_r 0)")
     if ccfg.regularizer == "l2":
         return L2()
     if ccfg.regularizer == "ewc":

@@ -1,0 +1,221 @@
+"""Evaluation of a continual run (SPEC §7): every task's evaluation set scored by a policy (`Evaluator`),
+one row of the evaluation matrix S per evaluation (`EvalMatrix`), and S as a text table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+
+from ..data import PromptSet, build_prompt_set, left_pad
+from ..engine import request_seed
+from ..errors import UserError
+from ..models import checkpoint_generation_config
+from ..outputs import replace_text, writing
+from ..rollout import generate, make_generation_config
+from ..session import Session
+from .metrics import summarize
+
+
+class Evaluator:
+    """Scores a policy on every task's evaluation prompts: the mean raw score of the evaluation reward
+    (`eval_reward`, else the task's own) and, where references exist, ROUGE-L F1."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        config = session.config
+        self.sets: dict[str, PromptSet] = {}
+        self.rewards = {}
+        for index, task in enumerate(config.tasks):
+            if task.eval_prompts is None:
+                continue
+            prompts = build_prompt_set(task.eval_prompts, session.tokenizer, index, f"tasks[{index}].eval_prompts")
+            if config.eval.max_prompts is not None:
+                prompts = PromptSet(*(getattr(prompts, f)[:config.eval.max_prompts]
+                                      for f in ("ids", "texts", "task", "references")), prompts.counts)
+            self.sets[task.name] = prompts
+            self.rewards[task.name] = session.rewards.get(config.eval_reward or task.reward)
+        ecfg, gcfg = config.eval, config.generation
+        if ecfg.checkpoint_generation_config:
+            sampling = _checkpoint_sampling(session.initial_policy)
+        elif ecfg.greedy:
+            sampling = {"do_sample": False}
+        else:
+            sampling = {"do_sample": True, "temperature": ecfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p}
+        self.generation_config = make_generation_config(
+            session.stop_token_ids, session.tokenizer.pad_token_id,
+            max_new_tokens=ecfg.max_new_tokens or gcfg.max_new_tokens, **sampling)
+        self.engine_sampling = _engine_sampling(sampling) if ecfg.engine == "vllm" else None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.session.config.tasks]
+
+    @torch.no_grad()
+    def evaluate(self, policy) -> dict[str, dict[str, float | None]]:
+        """{task name: {"reward": mean score, "rouge_l": mean F1 or None}}; tasks without an
+        evaluation set are left out. With `eval.engine: vllm`, `policy` None evaluates the engine's weights as
+        built (π_0)."""
+        acc, ecfg = self.session.accelerator, self.session.config.eval
+        was_training = policy is not None and policy.training
+        if policy is not None:
+            policy.eval()
+        results = {}
+        if self.engine_sampling is not None:
+            engine = self.session.vllm_engine()
+            if policy is not None:
+                engine.load(policy)
+            else:
+                engine.wake()
+        for name, prompts in self.sets.items():
+            mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+            rows, failure = [], None
+            # The same seed for every row of the matrix: sampled evaluation compares like with like.
+            with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+                torch.manual_seed(ecfg.seed + acc.process_index)
+                try:
+                    self._score_share(policy, name, prompts, mine, rows)
+                except UserError as e:  # the user's reward code failed on this process's share
+                    failure = e
+            self.session.fail_together(failure)
+            everything = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
+            scores = [score for _, score, _ in everything]
+            bad = sum(not math.isfinite(score) for score in scores)
+            if bad:
+                raise UserError(f"evaluation of task {name!r}: {self.rewards[name]} returned a non-finite score "
+                                f"for {bad} of {len(scores)} prompts")
+            result = {"reward": sum(scores) / len(scores), "rouge_l": None}
+            references = prompts.references
+            if all(r is not None for r in references):
+                result["rouge_l"] = rouge_l([c for _, _, c in everything], [references[i] for i, _, _ in everything])
+            results[name] = result
+        if self.engine_sampling is not None:
+            self.session.vllm_engine().sleep()
+        if policy is not None:
+            policy.train(was_training)
+        return results
+
+    def _score_share(self, policy, name: str, prompts: PromptSet, mine: list[int], rows: list) -> None:
+        """Generate for and score this process's evaluation prompts `mine`, appending (index, score,
+        completion) to `rows`."""
+        acc, tokenizer, ecfg = self.session.accelerator, self.session.tokenizer, self.session.config.eval
+        for start in range(0, len(mine), ecfg.batch_size):
+            chunk = mine[start:start + ecfg.batch_size]
+            ids, mask = left_pad([prompts.ids[i] for i in chunk], tokenizer.pad_token_id)
+            ids, mask = ids.to(acc.device), mask.to(acc.device)
+            if self.engine_sampling is not None:
+                # Greedy needs no seed; sampled evaluation seeds each prompt alike for every row of the matrix.
+                seeds = None if self.engine_sampling["greedy"] else [
+                    request_seed(ecfg.seed, f"eval/{name}", 0, i) for i in chunk]
+                responses, response_mask, _, _ = self.session.vllm_engine().generate(
+                    [prompts.ids[i] for i in chunk], seeds, max_new_tokens=self.generation_config.max_new_tokens,
+                    stop_token_ids=self.session.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+                    device=acc.device, **self.engine_sampling)
+            else:
+                with acc.autocast():
+                    responses, response_mask, _ = generate(policy, ids, mask, self.generation_config,
+                                                           self.session.stop_token_ids, tokenizer.pad_token_id,
+                                                           len(chunk))
+            completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            scores = self.rewards[name]([prompts.texts[i] for i in chunk], completions,
+                                        torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1))
+            rows.extend(zip(chunk, scores.tolist(), completions, strict=True))
+
+
+def _engine_sampling(sampling: dict) -> dict:
+    """transformers' decoding settings (ours, or a checkpoint's) as the vLLM engine's; one line for a
+    checkpoint setting it cannot apply."""
+    supported = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty"}
+    unsupported = sorted(set(sampling) - supported)
+    if unsupported:
+        raise UserError(f"eval.engine: vllm cannot decode with the checkpoint's generation setting(s) "
+                        f"{', '.join(unsupported)} (eval.checkpoint_generation_config: true); use eval.engine: hf")
+    return {"greedy": not sampling.get("do_sample", False), "temperature": sampling.get("temperature", 1.0),
+            "top_k": sampling.get("top_k", 0) or 0, "top_p": sampling.get("top_p", 1.0),
+            "repetition_penalty": sampling.get("repetition_penalty", 1.0)}
+
+
+def _checkpoint_sampling(source: str) -> dict:
+    """The decoding settings of a checkpoint's generation_config.json, without its token ids and lengths
+    (the run's stop token and `max_new_tokens` apply)."""
+    checkpoint = checkpoint_generation_config(source)
+    if checkpoint is None:
+        return {}
+    # Token ids, lengths and the shape of generate's output stay ours; the rest is how to decode.
+    ours = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+            "transformers_version", "return_dict_in_generate", "num_return_sequences"}
+    return {k: v for k, v in checkpoint.to_diff_dict().items()
+            if k not in ours and not k.startswith(("_", "output_"))}
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 (Google's `rouge-score`, with stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references,
+                                                                               strict=True)) / len(predictions)
+
+
+class EvalMatrix:
+    """S per score kind, one row per evaluation; written to eval_matrix.json after every row."""
+
+    def __init__(self, task_names: list[str], path: Path, eval_reward: str | None):
+        self.task_names, self.path, self.eval_reward = task_names, path, eval_reward
+        self.row_names: list[str] = []
+        self.rows: list[dict[str, dict]] = []
+
+    def append(self, row_name: str, results: dict[str, dict]) -> None:
+        self.row_names.append(row_name)
+        self.rows.append(results)
+
+    def scores(self, kind: str) -> list[list[float | None]]:
+        return [[row.get(name, {}).get(kind) for name in self.task_names] for row in self.rows]
+
+    def evaluated_tasks(self) -> list[int]:
+        return [j for j, name in enumerate(self.task_names) if self.rows and name in self.rows[0]]
+
+    def to_dict(self) -> dict:
+        kinds = ["reward"] + (["rouge_l"] if any(r.get("rouge_l") is not None for row in self.rows
+                                                 for r in row.values()) else [])
+        return {"tasks": self.task_names, "rows": self.row_names, "eval_reward": self.eval_reward,
+                "scores": {kind: self.scores(kind) for kind in kinds}}
+
+    def summary(self) -> dict:
+        """SPEC §7 metrics per score kind, over the tasks that have an evaluation set."""
+        columns = self.evaluated_tasks()
+        out = {}
+        for kind, matrix in self.to_dict()["scores"].items():
+            kept = [[row[j] for j in columns] for row in matrix]
+            if columns and all(v is not None for row in kept for v in row):
+                out[kind] = summarize(kept)
+        return out
+
+    def write(self, session: Session) -> None:
+        session.output.claim()
+        if session.accelerator.is_main_process:
+            with writing(self.path, "the evaluation matrix"):
+                write_json(self.path, self.to_dict())
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def format_table(matrix: EvalMatrix) -> str:
+    """S (reward) as a text table, then the summary metrics."""
+    names = matrix.task_names
+    width = max(12, *(len(n) for n in names))
+    lines = ["evaluation matrix S (mean eval reward; rows: after training, columns: evaluated task)",
+             f"{'':<{width + 8}}" + "".join(f"{n:>{width}}" for n in names)]
+    for row_name, row in zip(matrix.row_names, matrix.scores("reward"), strict=True):
+        cells = "".join(f"{'-':>{width}}" if v is None else f"{v:>{width}.4f}" for v in row)
+        lines.append(f"{row_name:<{width + 8}}{cells}")
+    for kind, metrics in matrix.summary().items():
+        shown = ", ".join(f"{k} {v:+.4f}" if v is not None else f"{k} -" for k, v in metrics.items())
+        lines.append(f"{kind}: {shown}")
+    return "\n".join(lines)
