@@ -169,7 +169,7 @@ def advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, values
     """Per-token advantages (B, T) of the shaped rewards `rewards` (B, T), and GAE's returns (None without a
     critic), by `ppo.advantage` (SPEC §2, §9). The sequence estimators (`rloo`, `grpo`) take R_i = Σ_t r_it
     (the score less the KL shaping) and broadcast A_i to every response token of i. Whitening over the
-    global batch (GAE's option, REINFORCE++'s definition) is the caller's: it needs every process's rows."""
+    global batch (`whitens`) is the caller's: it needs every process's rows."""
     m = mask.to(rewards.dtype)
     if estimator == "gae":
         return gae(rewards, values, mask, gamma, lam)
@@ -183,6 +183,12 @@ def advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, values
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}")
     return per_response.unsqueeze(-1) * m, None
+
+
+def whitens(estimator: str, whiten_advantages: bool) -> bool:
+    """Whether the advantages of `estimator` are whitened over the global batch: REINFORCE++'s by its
+    definition, GAE's by choice (`ppo.whiten_advantages`); the group estimators normalise within each group."""
+    return estimator == "reinforce_pp" or (estimator == "gae" and whiten_advantages)
 
 
 def k3_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,

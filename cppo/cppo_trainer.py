@@ -10,7 +10,9 @@ import torch
 
 from . import core
 from .config import Config
+from .memory import MemoryBatch, RolloutMemory, memory_denominator, retention_loss
 from .rollout import Rollout
+from .session import Session, Stage
 from .trainer import PPOTrainer
 from .weighting import apply_ablation, batch_stats, heuristic_weights, learned_weights
 
@@ -21,7 +23,16 @@ class CPPOTrainer(PPOTrainer):
 
     With `kr_anchor: previous_task` and `kl_reference: previous_task` the anchor and the KL reference
     are the same frozen π_{t−1}, so KR reuses the reference log-probs: no extra model pass.
+
+    With a rollout `memory` of earlier tasks (SPEC §8) each step draws a memory batch (`retrieve_memory`);
+    its entries ride along with the rollouts of every micro-batch (`update_extras`, `extra_rows`) and add
+    the memory term c_mem·KR_mem (`extra_losses`).
     """
+
+    def __init__(self, session: Session, stage: Stage, regularizer=None, memory: RolloutMemory | None = None):
+        self.memory = memory
+        self.memory_batch: MemoryBatch | None = None  # the step's retrieved entries (prepare_losses)
+        super().__init__(session, stage, regularizer)
 
     def prepare_losses(self, batch: Rollout, kl: torch.Tensor) -> dict[str, float]:
         ccfg = self.config.cppo
@@ -76,16 +87,40 @@ class CPPOTrainer(PPOTrainer):
         stats["time/memory_retrieve_s"] = time.perf_counter() - started
         return stats
 
-    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor,
-                     denominators: dict[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
-        kr_coef = self.config.cppo.kr_coef
-        if "kr" not in batch.loss_weights:  # kr_source: memory (the memory term is added by the loop)
-            return {}
-        if not self.kr_active:  # β ≡ 0 over the batch: KR is 0 (SPEC §5), skip its arithmetic
-            return {"kr": (kr_coef, torch.zeros((), device=logprobs.device))}
-        squared = (logprobs - batch.anchor_logprobs) ** 2
-        return {"kr": (kr_coef, core.masked_mean(squared, batch.response_mask, batch.loss_weights["kr"],
-                                                 denominators["kr"]))}
+    def update_extras(self, micro_batches: int) -> list[tuple[MemoryBatch | None, torch.Tensor] | None]:
+        """This process's part of the step's memory batch, split over the micro-batches of an update, each with
+        the memory term's denominator (the whole memory batch's, ÷ processes like `loss_denominators`)."""
+        if self.memory is None:
+            return [None] * micro_batches
+        if self.memory_batch is None:  # nothing remembered yet (the first task): the term is 0
+            return [(None, torch.ones((), device=self.device))] * micro_batches
+        acc = self.accelerator
+        denominator = memory_denominator(self.memory_batch, self.config.memory.loss) / acc.num_processes
+        mine = self.memory_batch.parts(acc.num_processes)[acc.process_index]
+        return [(part, denominator) for part in mine.parts(micro_batches)]
+
+    def extra_rows(self, extra) -> MemoryBatch | None:
+        entries = None if extra is None else extra[0]
+        return entries if entries is not None and len(entries) else None
+
+    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor, denominators: dict[str, torch.Tensor],
+                     extra=None, extra_logprobs: torch.Tensor | None = None) -> dict[str, tuple[float, torch.Tensor]]:
+        terms = {}
+        if "kr" in batch.loss_weights:  # KR on the current rollouts (not with kr_source: memory)
+            kr_coef = self.config.cppo.kr_coef
+            if not self.kr_active:  # β ≡ 0 over the batch: KR is 0 (SPEC §5), skip its arithmetic
+                terms["kr"] = (kr_coef, torch.zeros((), device=logprobs.device))
+            else:
+                squared = (logprobs - batch.anchor_logprobs) ** 2
+                terms["kr"] = (kr_coef, core.masked_mean(squared, batch.response_mask, batch.loss_weights["kr"],
+                                                         denominators["kr"]))
+        if extra is not None:  # the memory term (SPEC §8): 0 while the memory is empty or this part has no entry
+            mcfg = self.config.memory
+            entries, denominator = extra
+            terms["memory"] = (mcfg.kr_coef, torch.zeros((), device=logprobs.device) if extra_logprobs is None else
+                               retention_loss(extra_logprobs, entries.logprobs, entries.response_mask, entries.beta,
+                                              denominator, mcfg.loss))
+        return terms
 
     def weight_stats(self, logprob_mean: torch.Tensor, reward: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                      types: torch.Tensor) -> dict[str, float]:

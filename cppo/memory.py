@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 from . import core
 from .config import CPPOConfig, MemoryConfig
 from .data import left_pad
+from .engine import SeedKey
 from .outputs import replace_text
 from .rewards import RunningMoments, process_scores
 from .weighting import HIGH_PERFORMANCE, batch_stats, heuristic_weights
@@ -285,7 +286,8 @@ def build(trainer, task_index: int, cfg: MemoryConfig, ccfg: CPPOConfig, seed: i
     with torch.random.fork_rng(devices=devices), trainer.backend.whole(trainer.model) as model:
         torch.manual_seed(seed + 1000 * task_index + 7919 * acc.process_index)
         model.eval()
-        sampled = trainer.sample(model.policy, mine, ("memory", task_index, positions[0]))
+        key = SeedKey.contiguous(seed, "memory", task_index, positions[0], len(mine))
+        sampled = trainer.sample(model.policy, mine, key)
         model.train()
     raw = trainer.score(mine, sampled)
     local = []

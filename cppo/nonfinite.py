@@ -6,16 +6,24 @@ from __future__ import annotations
 import sys
 
 import torch
+from accelerate import Accelerator
 
+from .config import PPOConfig
+from .distributed import Backend
 from .errors import UserError
 from .rollout import Rollout
 
 
 class NonFiniteGuard:
-    """Mixed into the PPO trainer: it reads the trainer's config, accelerator, back end, rewards and step."""
+    """The trainer's guard over one stage. `rewards`: the task rewards (named in its lines), by task index;
+    `skips`: the steps and updates dropped in this stage (saved with a checkpoint)."""
 
-    def rollout_fault(self, batch: Rollout) -> str | None:
-        """What in the rollout is non-finite (counted over every process, so all agree), or None."""
+    def __init__(self, ppo: PPOConfig, accelerator: Accelerator, backend: Backend, rewards: list):
+        self.ppo, self.accelerator, self.backend, self.rewards = ppo, accelerator, backend, rewards
+        self.skips = 0
+
+    def rollout_fault(self, batch: Rollout, step: int) -> str | None:
+        """What in step `step`'s rollout is non-finite (counted over every process, so all agree), or None."""
         real = batch.response_mask.bool()
         per_token = {"log-probs of the policy": batch.old_logprobs, "log-probs of the reference": batch.ref_logprobs}
         if batch.old_values is not None:
@@ -28,7 +36,7 @@ class NonFiniteGuard:
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         counts = [int(c) for c in counts.tolist()]
-        total, where = self.config.ppo.rollout_batch_size, f"step {self.global_step + 1}"
+        total, where = self.ppo.rollout_batch_size, f"step {step}"
         for j, count in enumerate(counts[:len(self.rewards)]):
             if count:
                 return f"{where}: {self.rewards[j]} returned a non-finite score for {count} of {total} rollouts"
@@ -37,13 +45,14 @@ class NonFiniteGuard:
                 return f"{where}: the {name} are non-finite in {count} of {total} rollouts"
         return None
 
-    def update_fault(self, update: dict[str, torch.Tensor]) -> str | None:
-        """Which loss terms (or the gradient norm) of one update are non-finite on any process, or None.
-        Under fp16 the loss scaler skips non-finite gradients itself."""
-        names = [k for k in update if k.startswith("loss/") and k != "loss/total"]
-        if self.accelerator.mixed_precision != "fp16" and "policy/grad_norm" in update:
-            names.append("policy/grad_norm")
-        bad = torch.stack([~torch.isfinite(torch.as_tensor(update[k])) for k in names]).float()
+    def update_fault(self, update: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> str | None:
+        """Which loss terms of one update, or its gradient norm (None: not known before the step), are
+        non-finite on any process, or None. Under fp16 the loss scaler skips non-finite gradients itself."""
+        checked = {k: v for k, v in update.items() if k.startswith("loss/") and k != "loss/total"}
+        if self.backend.precision != "fp16" and grad_norm is not None:
+            checked["policy/grad_norm"] = grad_norm
+        names = list(checked)
+        bad = torch.stack([~torch.isfinite(torch.as_tensor(checked[k])) for k in names]).float()
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="max")
         found = [name for name, flag in zip(names, bad.tolist(), strict=True) if flag]
@@ -55,16 +64,16 @@ class NonFiniteGuard:
 
     def skip_or_stop(self, fault: str, update: bool = False) -> None:
         """`on_nonfinite: stop` (or too many skips): one line, before anything reaches the weights."""
-        pcfg = self.config.ppo
+        pcfg = self.ppo
         cannot_skip = update and not self.backend.can_skip_update
-        if pcfg.on_nonfinite == "stop" or self.nonfinite_skips >= pcfg.max_nonfinite_skips or cannot_skip:
+        if pcfg.on_nonfinite == "stop" or self.skips >= pcfg.max_nonfinite_skips or cannot_skip:
             why = "" if pcfg.on_nonfinite == "stop" else \
                 f" ({self.backend.name} cannot drop an update after its backward)" if cannot_skip else \
-                f" ({self.nonfinite_skips} skipped before)"
+                f" ({self.skips} skipped before)"
             raise UserError(f"{fault}{why}; stopped before the optimiser step: nothing non-finite reached the "
                             "weights and the last checkpoint is intact (ppo.on_nonfinite: skip drops such "
                             "steps and updates)")
-        self.nonfinite_skips += 1
+        self.skips += 1
         if self.accelerator.is_main_process:
-            print(f"cppo: {fault}; skipped ({self.nonfinite_skips} of at most {pcfg.max_nonfinite_skips})",
+            print(f"cppo: {fault}; skipped ({self.skips} of at most {pcfg.max_nonfinite_skips})",
                   file=sys.stderr, flush=True)

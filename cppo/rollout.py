@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from .core import logprobs_and_entropy, logprobs_from_logits, response_mask_from_stop
+from .core import logprobs_and_entropy, logprobs_from_logits
 from .modules import policy_response_logits, token_scalars
 
 
@@ -102,36 +102,6 @@ def stack_sequences(*parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                                 nn.functional.pad(p.response_mask, (0, right))], 1))
         responses.append(response)
     return torch.cat(ids), torch.cat(masks), torch.cat(responses)
-
-
-def make_generation_config(stop_token_ids: list[int], pad_token_id: int, **sampling):
-    """A transformers GenerationConfig that stops exactly at `stop_token_ids`, and only there.
-
-    transformers fills every field left None from the model's own generation config, so "no stop
-    token" must be spelled as an empty list: None would bring back the model's EOS as a stop.
-    """
-    from transformers import GenerationConfig
-
-    return GenerationConfig(eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id, bos_token_id=None,
-                            **sampling)
-
-
-@torch.no_grad()
-def generate(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config,
-             stop_token_ids: list[int], pad_token_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor]:
-    """Sample responses in chunks of `chunk` prompts. Returns (response_ids (B, R) with pad after the
-    stop token, response_mask (B, R), stopped (B,))."""
-    pieces = []
-    for start in range(0, prompt_ids.shape[0], chunk):
-        ids, mask = prompt_ids[start:start + chunk], prompt_mask[start:start + chunk]
-        out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
-        pieces.append(out[:, ids.shape[1]:])
-    width = max(p.shape[1] for p in pieces)
-    responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
-    response_mask, stopped = response_mask_from_stop(responses, stop_token_ids)
-    responses = responses.masked_fill(response_mask == 0, pad_token_id)
-    return responses, response_mask, stopped
 
 
 @torch.no_grad()

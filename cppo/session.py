@@ -9,7 +9,7 @@ trainer ignorant of task sequences: it trains one stage.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from .config import Config
 from .data import PromptSet, build_prompt_set, check_data_source
 from .distributed import Backend, make_accelerator
-from .engine import check_vllm_installed
+from .engine import Engine, HFEngine
 from .errors import UserError
 from .models import (
     checkpoint_generation_config,
@@ -32,6 +32,7 @@ from .models import (
 from .outputs import OutputDir
 from .rewards import RewardBank, import_reward_function
 from .tracking import Tracker
+from .vllm_engine import VLLMEngine, check_vllm_installed
 
 
 def check_sources(config: Config) -> None:
@@ -65,24 +66,44 @@ class Session:
     stop_token_ids: list[int]  # a response ends at the first of these (empty: runs to max_new_tokens)
     output: OutputDir  # every write into output_dir claims it first
     backend: Backend  # DDP / DeepSpeed / FSDP: every difference between them (cppo.distributed)
-    engine: object | None = None  # the vLLM engine (cppo.engine), built on first use
+    engines: dict[str, Engine] = field(default_factory=dict)  # by purpose, built on first use (`engine`)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def vllm_engine(self):
-        """This process's vLLM engine, built from the initial policy the first time it is asked for (it gets
-        the trained weights before each use)."""
-        if self.engine is None:
-            from .engine import VLLMEngine
+    def engine(self, purpose: str) -> Engine:
+        """The engine that samples for `purpose`: `generation` (rollouts, the memory build, importance
+        estimates) or `eval` (the evaluation matrix), as the config's `generation.engine` / `eval.engine` say.
+        Built the first time it is asked for; the one vLLM engine of this process serves both purposes (it gets
+        the policy's weights before each use)."""
+        if purpose not in self.engines:
+            config, acc = self.config, self.accelerator
+            name = config.generation.engine if purpose == "generation" else config.eval.engine
+            if name == "vllm":
+                built = next((e for e in self.engines.values() if isinstance(e, VLLMEngine)), None)
+                if built is None:
+                    built = VLLMEngine(config, self.initial_policy, acc.device, acc.num_processes, acc.process_index,
+                                       longest_sequence(config), self.backend.precision, self.stop_token_ids,
+                                       self.tokenizer.pad_token_id)
+                    if acc.is_main_process:
+                        print(f"cppo: vLLM engine built in {built.build_s:.1f} s ({built.dtype})", file=sys.stderr,
+                              flush=True)
+            else:  # rollouts in chunks of generation.batch_size; evaluation in its own chunks (eval.batch_size)
+                built = HFEngine(acc.device, acc.autocast,
+                                 config.generation.batch_size if purpose == "generation" else None,
+                                 self.stop_token_ids, self.tokenizer.pad_token_id)
+            self.engines[purpose] = built
+        return self.engines[purpose]
 
-            acc, config = self.accelerator, self.config
-            self.engine = VLLMEngine(config, self.initial_policy, acc.device, acc.num_processes, acc.process_index,
-                                     longest_sequence(config))
-            if acc.is_main_process:
-                print(f"cppo: vLLM engine built in {self.engine.build_s:.1f} s", file=sys.stderr, flush=True)
-        return self.engine
+    def close(self) -> None:
+        """The run is over: every process stops its engines (a vLLM engine takes the process group down with it,
+        so before the trackers close it), then the trackers and the process group close."""
+        self.accelerator.wait_for_everyone()
+        for engine in {id(e): e for e in self.engines.values()}.values():
+            engine.shutdown()
+        self.engines.clear()
+        self.tracker.finish()
 
     def fail_together(self, error: UserError | None) -> None:
         """Each process runs the user's reward code on its own share of a batch, so one may fail alone;

@@ -91,12 +91,8 @@ class Tracker:
         if values:
             self.accelerator.log(values)
 
-    def finish(self, engine=None) -> None:
-        """Close the trackers (main process) and the process group (every process); a vLLM `engine` is shut
-        down in between (it takes the process group down with it)."""
-        self.accelerator.wait_for_everyone()
-        if engine is not None:
-            engine.shutdown()
+    def finish(self) -> None:
+        """Close the trackers (main process) and the process group (every process)."""
         self.accelerator.end_training()
 
     @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 import warnings
 from pathlib import Path
@@ -20,39 +21,30 @@ from accelerate.utils import set_seed
 from . import core
 from .checkpoint import failpoint, restore_rng, rng_state
 from .data import PromptStream, left_pad
-from .engine import request_seed
+from .engine import Generated, SeedKey
 from .errors import UserError
-from .memory import MemoryBatch, RolloutMemory, memory_denominator, retention_loss
 from .models import checkpoint_generation_config, load_frozen, load_policy, load_value_model
 from .modules import ActorCritic
 from .nonfinite import NonFiniteGuard
 from .outputs import writing
 from .rewards import RunningMoments, process_scores
-from .rollout import (
-    Rollout,
-    Sampled,
-    generate,
-    make_generation_config,
-    response_logprobs,
-    response_values,
-    stack_sequences,
-)
+from .rollout import PromptAndResponse, Rollout, Sampled, response_logprobs, response_values, stack_sequences
 from .session import Session, Stage
 
 
-class PPOTrainer(NonFiniteGuard):
+class PPOTrainer:
     """PPO with a separate critic (or none: `ppo.advantage` rloo, grpo, reinforce_pp), a frozen reference
     policy and reward models or functions.
 
     It trains one `Stage` (a task, or the union of tasks) of a `Session`. Subclasses change the
-    algorithm through two hooks, never the loop: `prepare_losses` (per-rollout weights of each loss
-    term, and anything else the terms need) and `extra_losses` (added terms). A continual-learning
-    `regularizer` (cppo.continual.regularizers) adds its penalty as one more term.
+    algorithm through hooks, never the loop: `prepare_losses` (per-rollout weights of each loss term, and
+    anything else the terms need), `extra_losses` (added terms), and for terms on other sequences than the
+    rollouts (CPPO's rollout memory) `update_extras` and `extra_rows`. A continual-learning `regularizer`
+    (cppo.continual.regularizers) adds its penalty as one more term.
     """
 
-    def __init__(self, session: Session, stage: Stage, regularizer=None, memory: RolloutMemory | None = None):
-        self.session, self.stage, self.regularizer, self.memory = session, stage, regularizer, memory
-        self.memory_batch: MemoryBatch | None = None  # the step's retrieved memory entries (prepare_losses)
+    def __init__(self, session: Session, stage: Stage, regularizer=None):
+        self.session, self.stage, self.regularizer = session, stage, regularizer
         self.backend = session.backend
         self.config = config = session.config
         self.accelerator = session.accelerator
@@ -83,14 +75,15 @@ class PPOTrainer(NonFiniteGuard):
         self.model, self.optimizer = self.backend.prepare(model, optimizer, config)
 
         gcfg = config.generation
-        self.generation_config = make_generation_config(
-            self.stop_token_ids, pad, do_sample=True, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
-            top_k=gcfg.top_k, top_p=gcfg.top_p)
+        self.engine = session.engine("generation")  # rollouts, the memory build, importance estimates
+        self.decoding = self.engine.decoding(
+            {"do_sample": True, "temperature": gcfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p},
+            gcfg.max_new_tokens, "generation.engine")
         self.kl_coef = config.ppo.kl_coef
-        self.nonfinite_skips = 0  # steps and updates dropped for a non-finite value in this stage
+        self.guard = NonFiniteGuard(config.ppo, self.accelerator, self.backend, self.rewards)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self.step_in_stage = 0
-        self.engine_stats: dict[str, float] = {}  # the vLLM engine's timings in the last rollout
+        self.engine_stats: dict[str, float] = {}  # the engine's own timings in the last rollout
         self.last_stats: dict[str, float] = {}  # the stage's last step's stats (the run's summary takes them)
         if regularizer is not None:
             regularizer.task_start(self)
@@ -157,9 +150,9 @@ class PPOTrainer(NonFiniteGuard):
         """One PPO step on the next batch of prompts; returns the step's global stats."""
         start = time.perf_counter()
         batch, generate_s = self.make_rollout()
-        fault = self.rollout_fault(batch)
+        fault = self.guard.rollout_fault(batch, self.global_step + 1)
         if fault is not None:  # nothing of this rollout may reach the weights, the score moments or the KL
-            self.skip_or_stop(fault)
+            self.guard.skip_or_stop(fault)
             return {"nonfinite/skipped_step": 1.0, "nonfinite/skipped_updates": 0.0,
                     "time/step_s": time.perf_counter() - start, "time/generate_s": generate_s}
         batch.scores = self.process_scores(batch)
@@ -173,7 +166,7 @@ class PPOTrainer(NonFiniteGuard):
         batch.advantages, batch.returns = core.advantages(
             pcfg.advantage, rewards, batch.response_mask, batch.old_values, pcfg.gamma, pcfg.lam,
             self.config.generation.num_generations, pcfg.scale_rewards == "group")
-        if pcfg.advantage == "reinforce_pp" or (pcfg.advantage == "gae" and pcfg.whiten_advantages):
+        if core.whitens(pcfg.advantage, pcfg.whiten_advantages):
             batch.advantages = self.whiten(batch.advantages, batch.response_mask)
         weight_stats = self.prepare_losses(batch, kl)
         failpoint(f"step:{self.global_step + 1}:mid")
@@ -209,7 +202,8 @@ class PPOTrainer(NonFiniteGuard):
         with self.backend.whole(self.model) as model:
             model.eval()
             first = acc.process_index * len(indices)  # this process's rows of the global batch
-            sampled = self.sample(model.policy, indices, ("rollout", self.global_step, first))
+            key = SeedKey.contiguous(self.config.seed, "rollout", self.global_step, first, len(indices))
+            sampled = self.sample(model.policy, indices, key)
             input_ids, attention_mask, responses = sampled.input_ids, sampled.attention_mask, sampled.response_ids
             with acc.autocast():
                 with self.reference_policy() as ref:
@@ -233,45 +227,39 @@ class PPOTrainer(NonFiniteGuard):
         self.engine_stats = sampled.engine_stats
         return batch, sampled.generate_s
 
-    def sample(self, policy, indices: list[int], seed_key: tuple[str, int, int]) -> Sampled:
+    def generate(self, policy, indices: list[int], key: SeedKey) -> tuple[Generated, float]:
+        """The rollout engine's responses to the stage's prompts `indices` with the rollout decoding, from `policy`
+        (in eval mode, inside `backend.whole`), and the seconds it took (loading the weights included)."""
+        started = time.perf_counter()
+        self.engine.load(policy)
+        try:
+            generated = self.engine.generate([self.stage.prompts.ids[i] for i in indices], self.decoding, key)
+        finally:
+            self.engine.release()
+        return generated, time.perf_counter() - started
+
+    def sample(self, policy, indices: list[int], key: SeedKey) -> Sampled:
         """Responses to the stage's prompts `indices` from `policy` (in eval mode, inside `backend.whole`) with
-        the rollout sampling settings, and their log-probs and entropies under it. `seed_key` (purpose, step,
-        global row of the first response) seeds each response of the vLLM engine; `hf` samples from torch's
-        generator."""
+        the rollout decoding, and their log-probs and entropies under it: our own forward, or the engine's own
+        log-probs where it returned them and `vllm.logprobs: engine` asks for them."""
         pcfg, gcfg, acc = self.config.ppo, self.config.generation, self.accelerator
         prompts = self.stage.prompts
         prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        started = time.perf_counter()
-        engine_logprobs, engine_stats = None, {}
-        if gcfg.engine == "vllm":
-            engine = self.session.vllm_engine()
-            engine_stats["vllm/load_s"] = engine.load(policy)
-            purpose, step, first = seed_key
-            seeds = [request_seed(self.config.seed, purpose, step, first + row) for row in range(len(indices))]
-            responses, response_mask, stopped, engine_logprobs = engine.generate(
-                [prompts.ids[i] for i in indices], seeds, max_new_tokens=gcfg.max_new_tokens,
-                stop_token_ids=self.stop_token_ids, pad_token_id=self.tokenizer.pad_token_id, device=self.device,
-                temperature=gcfg.temperature, top_k=gcfg.top_k, top_p=gcfg.top_p)
-            engine.sleep()
-        else:
-            with acc.autocast():
-                responses, response_mask, stopped = generate(
-                    policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
-                    self.tokenizer.pad_token_id, gcfg.batch_size or len(indices))
-        generate_s = time.perf_counter() - started
+        generated, generate_s = self.generate(policy, indices, key)
+        responses = generated.response_ids
         input_ids = torch.cat([prompt_ids, responses], 1)
-        attention_mask = torch.cat([prompt_mask, response_mask], 1)
-        if engine_logprobs is not None and self.config.vllm.logprobs == "engine":
-            logprobs, entropy = engine_logprobs, None
+        attention_mask = torch.cat([prompt_mask, generated.response_mask], 1)
+        if generated.logprobs is not None and self.config.vllm.logprobs == "engine":
+            logprobs, entropy = generated.logprobs, None
         else:
             with acc.autocast():
                 logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, responses,
                                                       gcfg.temperature, pcfg.forward_batch_size or len(indices),
                                                       with_entropy=True)
         task = torch.tensor([prompts.task[i] for i in indices], device=self.device)
-        return Sampled(prompt_ids, prompt_mask, responses, response_mask, stopped, logprobs, entropy, task, generate_s,
-                       engine_logprobs, engine_stats)
+        return Sampled(prompt_ids, prompt_mask, responses, generated.response_mask, generated.stopped, logprobs,
+                       entropy, task, generate_s, generated.logprobs, generated.stats)
 
     def score(self, indices: list[int], sampled: Sampled) -> torch.Tensor:
         """Raw scores of sampled responses, each by its own task's reward (B,); a failure in the user's
@@ -363,11 +351,23 @@ class PPOTrainer(NonFiniteGuard):
         batch.loss_weights = {"policy": None, "value": None}
         return {}
 
-    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor,
-                     denominators: dict[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
+    def extra_losses(self, batch: Rollout, logprobs: torch.Tensor, denominators: dict[str, torch.Tensor],
+                     extra=None, extra_logprobs: torch.Tensor | None = None) -> dict[str, tuple[float, torch.Tensor]]:
         """Loss terms added to PG + c_vf·VF: name → (coefficient, Σ w·m·loss over `batch` divided by
-        `denominators[name]`, w = `batch.loss_weights[name]`). PPO has none."""
+        `denominators[name]`, w = `batch.loss_weights[name]`), and terms on the micro-batch's `extra` (its share of
+        `update_extras`) with `extra_logprobs`, the policy's log-probs of the responses of `extra_rows(extra)`
+        (None without them). PPO has none."""
         return {}
+
+    def update_extras(self, micro_batches: int) -> list:
+        """What each of an update's `micro_batches` micro-batches carries besides its rollouts, the same for
+        every update of the step (CPPO: its share of the rollout memory's entries). PPO: nothing."""
+        return [None] * micro_batches
+
+    def extra_rows(self, extra) -> PromptAndResponse | None:
+        """The sequences of a micro-batch's `extra` that go through the policy's forward with its rollouts
+        (prompts left-padded, responses right-padded), or None. PPO: none."""
+        return None
 
     # ------------------------------------------------------------------------------- the update
 
@@ -377,7 +377,7 @@ class PPOTrainer(NonFiniteGuard):
         pcfg, acc = self.config.ppo, self.accelerator
         local_mini = pcfg.mini_batch_size // acc.num_processes
         local_micro = local_mini // pcfg.gradient_accumulation_steps
-        memory_parts = self.memory_parts(pcfg.gradient_accumulation_steps)
+        extras = self.update_extras(pcfg.gradient_accumulation_steps)
         sums: dict[str, torch.Tensor] = {}  # summed over applied updates, kept on device
         updates = skipped = 0
         self.model.train()
@@ -391,28 +391,24 @@ class PPOTrainer(NonFiniteGuard):
                     last = i == len(micro_batches) - 1
                     with self.backend.no_sync(self.model, last):
                         loss, stats = self.micro_batch_loss(batch.select(rows.to(batch.response_ids.device)),
-                                                            denominators, last, memory_parts[i])
+                                                            denominators, last, extras[i])
                         self.backend.backward(self.model, loss)
                     stats["loss/total"] = loss.detach()
                     for key, value in stats.items():
                         # loss terms add up over micro-batches to the mini-batch's value; the rest average
                         share = 1.0 if key.startswith("loss/") else 1.0 / len(micro_batches)
                         update[key] = update.get(key, 0.0) + value * share
-                grad_norm = self.backend.grad_norm(self.model, pcfg.max_grad_norm)
-                if grad_norm is not None:
-                    update["policy/grad_norm"] = grad_norm.detach()
-                fault = self.update_fault(update)
+                grad_norm, fault = self.backend.step_unless(
+                    self.model, self.optimizer, pcfg.max_grad_norm, functools.partial(self.guard.update_fault, update))
                 if fault is None:
-                    self.backend.optimizer_step(self.model, self.optimizer)
                     self.scheduler.step()
-                    if grad_norm is None:  # a back end that clips inside its own step reports the norm after it
-                        update["policy/grad_norm"] = self.backend.last_grad_norm(self.model)
+                    update["policy/grad_norm"] = grad_norm.detach()
                     for key, value in update.items():
                         sums[key] = sums.get(key, 0.0) + value
                     updates += 1
                 else:  # no optimiser step, so no schedule step either: the schedule counts applied updates
-                    self.skip_or_stop(f"step {self.global_step + 1}, update {updates + skipped + 1}: {fault} "
-                                      "non-finite", update=True)
+                    self.guard.skip_or_stop(f"step {self.global_step + 1}, update {updates + skipped + 1}: {fault} "
+                                            "non-finite", update=True)
                     skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
         out = {"nonfinite/skipped_step": 0.0, "nonfinite/skipped_updates": float(skipped)}
@@ -441,34 +437,23 @@ class PPOTrainer(NonFiniteGuard):
             local = self.accelerator.reduce(local, reduction="sum") / self.accelerator.num_processes
         return dict(zip(names, local, strict=True))
 
-    def memory_parts(self, micro_batches: int) -> list[tuple[MemoryBatch, torch.Tensor] | None]:
-        """This process's part of the step's memory batch, split over the micro-batches of an update, each with
-        the memory term's denominator (the whole memory batch's, ÷ processes like `loss_denominators`)."""
-        if self.memory is None:
-            return [None] * micro_batches
-        if self.memory_batch is None:  # nothing remembered yet (the first task): the term is 0
-            return [(None, torch.ones((), device=self.device))] * micro_batches
-        acc = self.accelerator
-        denominator = memory_denominator(self.memory_batch, self.config.memory.loss) / acc.num_processes
-        mine = self.memory_batch.parts(acc.num_processes)[acc.process_index]
-        return [(part, denominator) for part in mine.parts(micro_batches)]
-
     def micro_batch_loss(self, mb: Rollout, denominators: dict[str, torch.Tensor], last_micro: bool = True,
-                         memory: tuple[MemoryBatch | None, torch.Tensor] | None = None
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This micro-batch's part of the mini-batch loss PG + c_vf·VF + extra terms, and its stats. `memory`
-        (entries, denominator): rollout memory entries that go through the same forward (SPEC §8)."""
+                         extra=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's part of the mini-batch loss PG + c_vf·VF + extra terms, and its stats. `extra`: this
+        micro-batch's share of `update_extras`; the sequences `extra_rows` makes of it go through the same
+        forward as the rollouts (one pass of every back end's hooks), their log-probs to `extra_losses`."""
         pcfg, temperature = self.config.ppo, self.config.generation.temperature
         rows, width = mb.response_ids.shape
-        entries = memory[0] if memory is not None and memory[0] is not None and len(memory[0]) else None
-        if entries is None:
+        more = self.extra_rows(extra)
+        if more is None:
             input_ids, attention_mask, response_ids = mb.input_ids, mb.attention_mask, mb.response_ids
-        else:  # one forward for the rollouts and the memory entries: one pass of every back end's hooks
-            input_ids, attention_mask, response_ids = stack_sequences(mb, entries)
+        else:
+            input_ids, attention_mask, response_ids = stack_sequences(mb, more)
         with self.accelerator.autocast():
             logits, values = self.model(input_ids, attention_mask, response_ids.shape[1], value_rows=rows)
         every_logprob = core.logprobs_from_logits(logits, response_ids, temperature)
         logits, logprobs = logits[:rows, :width], every_logprob[:rows, :width]
+        extra_logprobs = None if more is None else every_logprob[rows:, :more.response_ids.shape[1]]
         mask = mb.response_mask
         pg, pg_stats = core.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, pcfg.clip,
                                         mb.loss_weights["policy"], denominators["policy"], mb.is_weights)
@@ -481,13 +466,7 @@ class PPOTrainer(NonFiniteGuard):
             stats["value/clipfrac"] = vf_stats["clipfrac"]
         if pcfg.kl_in == "loss":  # GRPO's KL term (SPEC §9), token mean over the whole mini-batch
             terms["kl"] = (self.kl_coef, core.k3_loss(logprobs, mb.ref_logprobs, mask, denominators["tokens"]))
-        terms.update(self.extra_losses(mb, logprobs, denominators))
-        if memory is not None:
-            mcfg = self.config.memory
-            term = torch.zeros((), device=logprobs.device) if entries is None else retention_loss(
-                every_logprob[rows:, :entries.response_ids.shape[1]], entries.logprobs, entries.response_mask,
-                entries.beta, memory[1], mcfg.loss)
-            terms["memory"] = (mcfg.kr_coef, term)
+        terms.update(self.extra_losses(mb, logprobs, denominators, extra, extra_logprobs))
         if self.regularizer is not None:
             terms["reg"] = (self.config.continual.reg_coef,
                             self.regularizer.penalty(self, mb, logits, denominators["tokens"], last_micro))
@@ -505,7 +484,7 @@ class PPOTrainer(NonFiniteGuard):
         if acc.is_main_process:
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         torch.save(rng_state(self.shuffle_generator), directory / f"rng_{acc.process_index}.pt")
-        return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef, "nonfinite_skips": self.nonfinite_skips,
+        return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef, "nonfinite_skips": self.guard.skips,
                 "last_stats": self.last_stats,
                 "score_moments": [m.state_dict() for m in self.score_moments],
                 "prompt_stream": {**self.prompt_stream.state_dict(), "task": self.stage.name,
@@ -536,7 +515,7 @@ class PPOTrainer(NonFiniteGuard):
         restore_rng(torch.load(directory / f"rng_{acc.process_index}.pt", weights_only=False),
                     self.shuffle_generator)
         self.step_in_stage, self.kl_coef = state["step_in_stage"], state["kl_coef"]
-        self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        self.guard.skips = state.get("nonfinite_skips", 0)
         self.last_stats = state.get("last_stats", {})
         for moments, saved in zip(self.score_moments, state["score_moments"], strict=True):
             moments.load_state_dict(saved)
@@ -547,38 +526,41 @@ class PPOTrainer(NonFiniteGuard):
     def rollout_stats(self, batch: Rollout, sequence_kl: torch.Tensor) -> dict[str, float]:
         """Means over the global batch of what the rollout produced."""
         lengths = batch.response_mask.sum(-1).float()
-        entropy = torch.zeros_like(lengths) if batch.entropy is None else (batch.entropy * batch.response_mask).sum(-1)
-        mismatch = torch.zeros_like(batch.old_logprobs) if batch.engine_logprobs is None else (
-            (batch.old_logprobs - batch.engine_logprobs).abs() * batch.response_mask).float()
-        per_rollout = torch.stack([
-            batch.raw_scores.float(), batch.scores.float(), batch.scores.float() - self.kl_coef * sequence_kl,
-            sequence_kl, lengths, batch.stopped.float(), entropy, mismatch.sum(-1), mismatch.amax(-1),
-        ], dim=1)
-        everything = self.gather_rows(per_rollout)
-        raw, score, shaped, kl, length, stopped, entropy_sum, mismatch_sum, mismatch_max = everything.T
-        stats = {}
-        if batch.engine_logprobs is not None:
-            # How far vLLM's sampling log-probs are from the trainer's (0 with vllm.logprobs: engine, which uses
-            # vLLM's own): mean over response tokens and largest, over the global batch.
-            stats = {"vllm/logprob_diff_mean": (mismatch_sum.sum() / length.sum().clamp_min(1)).item(),
-                     "vllm/logprob_diff_max": mismatch_max.max().item(),
-                     **{k: float(v) for k, v in self.engine_stats.items()}}
-            if batch.is_weights is not None:
-                weights = self.gather_rows(batch.is_weights.float().sum(-1, keepdim=True))
-                stats["vllm/is_weight_mean"] = (weights.sum() / length.sum().clamp_min(1)).item()
+        columns = {"raw": batch.raw_scores.float(), "score": batch.scores.float(),
+                   "shaped": batch.scores.float() - self.kl_coef * sequence_kl, "kl": sequence_kl,
+                   "length": lengths, "stopped": batch.stopped.float()}
         if batch.entropy is not None:
-            stats["policy/entropy"] = (entropy_sum.sum() / length.sum().clamp_min(1)).item()
-        return stats | {
+            columns["entropy"] = (batch.entropy * batch.response_mask).sum(-1)
+        if batch.engine_logprobs is not None:
+            mismatch = ((batch.old_logprobs - batch.engine_logprobs).abs() * batch.response_mask).float()
+            columns.update(mismatch_sum=mismatch.sum(-1), mismatch_max=mismatch.amax(-1))
+        if batch.is_weights is not None:
+            columns["is_weight"] = batch.is_weights.float().sum(-1)
+        gathered = self.gather_rows(torch.stack(list(columns.values()), dim=1)).T
+        every = dict(zip(columns, gathered, strict=True))  # each column over the global batch
+        tokens = every["length"].sum().clamp_min(1)
+        raw = every["raw"]
+        stats = {
             "reward/mean": raw.mean().item(),
             "reward/std": raw.std().item() if raw.numel() > 1 else 0.0,
-            "reward/score_mean": score.mean().item(),
-            "reward/shaped_mean": shaped.mean().item(),
-            "kl/mean": kl.mean().item(),
+            "reward/score_mean": every["score"].mean().item(),
+            "reward/shaped_mean": every["shaped"].mean().item(),
+            "kl/mean": every["kl"].mean().item(),
             "kl/coef": self.kl_coef,
-            "response/length_mean": length.mean().item(),
-            "response/stopped_frac": stopped.mean().item(),
-            "response/tokens": length.sum().item(),
+            "response/length_mean": every["length"].mean().item(),
+            "response/stopped_frac": every["stopped"].mean().item(),
+            "response/tokens": every["length"].sum().item(),
         }
+        if "entropy" in every:
+            stats["policy/entropy"] = (every["entropy"].sum() / tokens).item()
+        if "mismatch_sum" in every:
+            # How far the engine's sampling log-probs are from the trainer's (0 with vllm.logprobs: engine, which
+            # uses the engine's own): mean over response tokens and largest, over the global batch.
+            stats.update({"vllm/logprob_diff_mean": (every["mismatch_sum"].sum() / tokens).item(),
+                          "vllm/logprob_diff_max": every["mismatch_max"].max().item()})
+        if "is_weight" in every:
+            stats["vllm/is_weight_mean"] = (every["is_weight"].sum() / tokens).item()
+        return stats | {k: float(v) for k, v in self.engine_stats.items()}
 
     # ------------------------------------------------------------------------------------ saving
 

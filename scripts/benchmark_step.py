@@ -176,7 +176,7 @@ def cppo_worker(args, phases_for):
     path.write_text(yaml.safe_dump(config))
     trainer = build_trainer(load_config(str(path)))
     phases = phases_for(trainer.device)
-    trainer_module.generate = phases.wrap("generate", trainer_module.generate)
+    trainer.engine.generate = phases.wrap("generate", trainer.engine.generate)
     for name in ("response_logprobs", "response_values"):
         setattr(trainer_module, name, phases.wrap("rollout_forward", getattr(trainer_module, name)))
     trainer.rewards = [TimedReward(reward, phases) for reward in trainer.rewards]
@@ -185,8 +185,7 @@ def cppo_worker(args, phases_for):
     trainer.optimizer.step = phases.wrap("optimizer", trainer.optimizer.step)
     info = {"optimizer": optimizer_name(trainer.optimizer)}
     if args.worker == "cppo-vllm":
-        engine = trainer.session.vllm_engine()  # built now, outside the timed steps
-        engine.generate = phases.wrap("generate", engine.generate)
+        engine = trainer.engine  # built with the trainer, outside the timed steps
         engine.load = phases.wrap("weight_sync", engine.load)
         info["engine_build_s"] = engine.build_s
 
@@ -241,8 +240,8 @@ def floor_worker(args, phases_for):
     from transformers import GenerationConfig
 
     from cppo import core
+    from cppo.engine import make_generation_config
     from cppo.models import load_tokenizer, resolve_model_source
-    from cppo.rollout import make_generation_config
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -72,9 +72,9 @@ gradients = []
 optimizer_step = trainer.backend.optimizer_step
 
 
-def record_then_step(model, optimizer):
+def record_then_step(optimizer):
     gradients.append(torch.cat([p.grad.flatten() for p in trainer.unwrapped.parameters() if p.grad is not None]))
-    optimizer_step(model, optimizer)
+    optimizer_step(optimizer)
 
 
 trainer.backend.optimizer_step = record_then_step

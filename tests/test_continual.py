@@ -274,20 +274,18 @@ def test_parameter_penalties_are_zero_at_the_anchor_and_pull_back(tmp_path, name
     trainer = trainer_with(tmp_path, name)
     regularizer = trainer.regularizer
     if name != "l2":
-        import cppo.continual.regularizers
-
         calls = []
-        real_generate = cppo.continual.regularizers.generate
+        real_generate = trainer.engine.generate
 
-        def spy(policy, prompt_ids, *args, **kwargs):
-            out = real_generate(policy, prompt_ids, *args, **kwargs)
-            calls.append((prompt_ids.shape[0], out[1].sum().item()))
+        def spy(prompts, decoding, key):
+            out = real_generate(prompts, decoding, key)
+            calls.append((len(prompts), out.response_mask.sum().item(), key.purpose))
             return out
 
-        monkeypatch.setattr(cppo.continual.regularizers, "generate", spy)
+        monkeypatch.setattr(trainer.engine, "generate", spy)
         regularizer.task_end(trainer)  # importance of the current (task-end) weights
-        # estimated on responses sampled autoregressively for 6 prompts, not on a pass over the prompts
-        assert len(calls) == 1 and calls[0][0] == 6 and calls[0][1] >= 6
+        # estimated on responses the rollout engine sampled for 6 prompts, not on a pass over the prompts
+        assert len(calls) == 1 and calls[0][0] == 6 and calls[0][1] >= 6 and calls[0][2] == "importance"
         everything = torch.cat([v.flatten() for v in regularizer.importance.values()])
         assert everything.mean().item() == pytest.approx(1.0, rel=1e-4) and (everything >= 0).all()
         assert everything.std() > 0  # some weights matter more than others

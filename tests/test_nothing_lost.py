@@ -361,7 +361,7 @@ def test_a_non_finite_loss_or_gradient_never_reaches_the_weights(tmp_path, fault
             trainer.optimise(batch)
     else:
         stats = trainer.optimise(batch)
-        assert stats["nonfinite/skipped_updates"] == 2 and trainer.nonfinite_skips == 2
+        assert stats["nonfinite/skipped_updates"] == 2 and trainer.guard.skips == 2
         assert "loss/value" not in stats  # no mean over updates that never happened
     after = trainer.unwrapped.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

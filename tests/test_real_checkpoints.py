@@ -53,7 +53,8 @@ def test_rollout_samples_exactly_the_distribution_its_logprobs_describe(tmp_path
     prompt_ids = torch.tensor([[20, 21, 22, 23], [24, 25, 26, 27]])
     prompt_mask = torch.ones_like(prompt_ids)
     torch.manual_seed(0)
-    responses, generate_logprobs = sampled_with_scores(policy, prompt_ids, prompt_mask, trainer.generation_config)
+    rollout_config = trainer.engine.generation_config(trainer.decoding)
+    responses, generate_logprobs = sampled_with_scores(policy, prompt_ids, prompt_mask, rollout_config)
     assert responses.shape == (2, 12)
     ours, _ = response_logprobs(policy, torch.cat([prompt_ids, responses], 1),
                                 torch.ones(2, 4 + responses.shape[1], dtype=torch.long), responses, 0.7, 2)
@@ -68,14 +69,16 @@ def test_greedy_evaluation_ignores_the_checkpoint_defaults_unless_asked(tmp_path
     policy = trainer.unwrapped.policy.eval()
     evaluator = Evaluator(trainer.session)
     prompt_ids, prompt_mask = torch.tensor([[20, 21, 22, 23]]), torch.ones(1, 4, dtype=torch.long)
-    responses, _ = sampled_with_scores(policy, prompt_ids, prompt_mask, evaluator.generation_config)
+    eval_config = evaluator.engine.generation_config(evaluator.decoding)
+    responses, _ = sampled_with_scores(policy, prompt_ids, prompt_mask, eval_config)
     logits = policy(torch.cat([prompt_ids, responses], 1)).logits[:, prompt_ids.shape[1] - 1:-1]
     assert torch.equal(responses, logits.argmax(-1)), "greedy evaluation is not the argmax of the policy"
 
     config.eval.checkpoint_generation_config = True
     evaluator = Evaluator(trainer.session)
-    assert evaluator.generation_config.repetition_penalty == 3.0
-    assert evaluator.generation_config.max_new_tokens == config.generation.max_new_tokens
+    eval_config = evaluator.engine.generation_config(evaluator.decoding)
+    assert eval_config.repetition_penalty == 3.0
+    assert eval_config.max_new_tokens == config.generation.max_new_tokens
 
 
 def test_saved_policy_keeps_the_checkpoint_generation_config(tmp_path, tiny_config, opinionated_checkpoint, capsys):
@@ -89,7 +92,7 @@ def test_saved_policy_keeps_the_checkpoint_generation_config(tmp_path, tiny_conf
 
 def test_every_end_of_sequence_token_the_checkpoint_declares_stops_a_response(tmp_path, tiny_config, cppo_cache):
     """Chat models end a turn with a token their tokenizer may not call EOS (Llama 3's <|eot_id|>)."""
-    from cppo.rollout import generate
+    from cppo.engine import generate
 
     path = build_tiny_gpt2(tmp_path / "two-eos", seed=4)
     config = json.loads((path / "generation_config.json").read_text())
@@ -107,7 +110,8 @@ def test_every_end_of_sequence_token_the_checkpoint_declares_stops_a_response(tm
 
     policy = EndsTurns.from_pretrained(path)
     responses, mask, stopped = generate(policy, torch.tensor([[20, 21, 22]]), torch.ones(1, 3, dtype=torch.long),
-                                        trainer.generation_config, trainer.stop_token_ids, 1, 1)
+                                        trainer.engine.generation_config(trainer.decoding), trainer.stop_token_ids,
+                                        1, 1)
     assert responses.tolist() == [[end_of_turn]] and stopped.all()
 
 

@@ -269,8 +269,8 @@ def test_without_a_stop_token_responses_run_to_full_length(cppo_cache):
     """transformers would otherwise bring back the model's EOS as a stop and cut the responses."""
     from transformers import AutoModelForCausalLM
 
+    from cppo.engine import generate, make_generation_config
     from cppo.models import resolve_model_source
-    from cppo.rollout import generate, make_generation_config
 
     class AlwaysEos(AutoModelForCausalLM._model_mapping[__import__("transformers").GPT2Config]):
         def forward(self, *args, **kwargs):

@@ -179,7 +179,7 @@ def test_a_response_depends_on_its_prompt_and_seed_only(engine, tiny, tokenizer)
 @pytest.mark.xdist_group("engine")
 def test_greedy_decoding_is_that_of_transformers_generate(engine, tiny, tokenizer):
     from cppo.data import left_pad
-    from cppo.rollout import generate, make_generation_config
+    from cppo.engine import generate, make_generation_config
 
     policy = load(tiny)
     engine.load(policy)

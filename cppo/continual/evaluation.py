@@ -11,11 +11,10 @@ import torch
 from accelerate.utils import gather_object
 
 from ..data import PromptSet, build_prompt_set, left_pad
-from ..engine import request_seed
+from ..engine import SeedKey
 from ..errors import UserError
-from ..models import checkpoint_generation_config
+from ..models import checkpoint_generation_config, load_frozen
 from ..outputs import replace_text, writing
-from ..rollout import generate, make_generation_config
 from ..session import Session
 from .metrics import summarize
 
@@ -45,97 +44,81 @@ class Evaluator:
             sampling = {"do_sample": False}
         else:
             sampling = {"do_sample": True, "temperature": ecfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p}
-        self.generation_config = make_generation_config(
-            session.stop_token_ids, session.tokenizer.pad_token_id,
-            max_new_tokens=ecfg.max_new_tokens or gcfg.max_new_tokens, **sampling)
-        self.engine_sampling = _engine_sampling(sampling) if ecfg.engine == "vllm" else None
+        self.engine = session.engine("eval")
+        self.decoding = self.engine.decoding(sampling, ecfg.max_new_tokens or gcfg.max_new_tokens, "eval.engine")
 
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.session.config.tasks]
 
+    def evaluate_initial(self) -> dict[str, dict[str, float | None]]:
+        """The evaluation of π_0 (row 0 of S): the engine's own weights when it was built from π_0 (nothing to
+        load), else a frozen copy of π_0 loaded for it."""
+        session = self.session
+        if self.engine.holds == session.initial_policy:
+            return self.evaluate(None)
+        initial = load_frozen("AutoModelForCausalLM", session.initial_policy, session.config.model,
+                              session.tokenizer.pad_token_id)
+        return self.evaluate(session.backend.place_frozen(initial))
+
     @torch.no_grad()
     def evaluate(self, policy) -> dict[str, dict[str, float | None]]:
         """{task name: {"reward": mean score, "rouge_l": mean F1 or None}}; tasks without an
-        evaluation set are left out. With `eval.engine: vllm`, `policy` None evaluates the engine's weights as
-        built (π_0)."""
-        acc, ecfg = self.session.accelerator, self.session.config.eval
+        evaluation set are left out. `policy` None evaluates the engine's weights as built (`engine.holds`)."""
         was_training = policy is not None and policy.training
+        results = {}
         if policy is not None:
             policy.eval()
-        results = {}
-        if self.engine_sampling is not None:
-            engine = self.session.vllm_engine()
-            if policy is not None:
-                engine.load(policy)
-            else:
-                engine.wake()
-        for name, prompts in self.sets.items():
-            mine = list(range(acc.process_index, len(prompts), acc.num_processes))
-            rows, failure = [], None
-            # The same seed for every row of the matrix: sampled evaluation compares like with like.
-            with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-                torch.manual_seed(ecfg.seed + acc.process_index)
-                try:
-                    self._score_share(policy, name, prompts, mine, rows)
-                except UserError as e:  # the user's reward code failed on this process's share
-                    failure = e
-            self.session.fail_together(failure)
-            everything = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
-            scores = [score for _, score, _ in everything]
-            bad = sum(not math.isfinite(score) for score in scores)
-            if bad:
-                raise UserError(f"evaluation of task {name!r}: {self.rewards[name]} returned a non-finite score "
-                                f"for {bad} of {len(scores)} prompts")
-            result = {"reward": sum(scores) / len(scores), "rouge_l": None}
-            references = prompts.references
-            if all(r is not None for r in references):
-                result["rouge_l"] = rouge_l([c for _, _, c in everything], [references[i] for i, _, _ in everything])
-            results[name] = result
-        if self.engine_sampling is not None:
-            self.session.vllm_engine().sleep()
+            self.engine.load(policy)
+        try:
+            for name, prompts in self.sets.items():
+                results[name] = self._evaluate_task(name, prompts)
+        finally:
+            self.engine.release()
         if policy is not None:
             policy.train(was_training)
         return results
 
-    def _score_share(self, policy, name: str, prompts: PromptSet, mine: list[int], rows: list) -> None:
+    def _evaluate_task(self, name: str, prompts: PromptSet) -> dict[str, float | None]:
+        acc, ecfg = self.session.accelerator, self.session.config.eval
+        mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+        rows, failure = [], None
+        # The same seed for every row of the matrix: sampled evaluation compares like with like.
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+            torch.manual_seed(ecfg.seed + acc.process_index)
+            try:
+                self._score_share(name, prompts, mine, rows)
+            except UserError as e:  # the user's reward code failed on this process's share
+                failure = e
+        self.session.fail_together(failure)
+        everything = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
+        scores = [score for _, score, _ in everything]
+        bad = sum(not math.isfinite(score) for score in scores)
+        if bad:
+            raise UserError(f"evaluation of task {name!r}: {self.rewards[name]} returned a non-finite score "
+                            f"for {bad} of {len(scores)} prompts")
+        result = {"reward": sum(scores) / len(scores), "rouge_l": None}
+        references = prompts.references
+        if all(r is not None for r in references):
+            result["rouge_l"] = rouge_l([c for _, _, c in everything], [references[i] for i, _, _ in everything])
+        return result
+
+    def _score_share(self, name: str, prompts: PromptSet, mine: list[int], rows: list) -> None:
         """Generate for and score this process's evaluation prompts `mine`, appending (index, score,
-        completion) to `rows`."""
+        completion) to `rows`. An engine that seeds each response seeds it by its prompt, alike for every row
+        of the matrix."""
         acc, tokenizer, ecfg = self.session.accelerator, self.session.tokenizer, self.session.config.eval
         for start in range(0, len(mine), ecfg.batch_size):
             chunk = mine[start:start + ecfg.batch_size]
+            generated = self.engine.generate([prompts.ids[i] for i in chunk], self.decoding,
+                                             SeedKey(ecfg.seed, f"eval/{name}", 0, tuple(chunk)))
             ids, mask = left_pad([prompts.ids[i] for i in chunk], tokenizer.pad_token_id)
             ids, mask = ids.to(acc.device), mask.to(acc.device)
-            if self.engine_sampling is not None:
-                # Greedy needs no seed; sampled evaluation seeds each prompt alike for every row of the matrix.
-                seeds = None if self.engine_sampling["greedy"] else [
-                    request_seed(ecfg.seed, f"eval/{name}", 0, i) for i in chunk]
-                responses, response_mask, _, _ = self.session.vllm_engine().generate(
-                    [prompts.ids[i] for i in chunk], seeds, max_new_tokens=self.generation_config.max_new_tokens,
-                    stop_token_ids=self.session.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
-                    device=acc.device, **self.engine_sampling)
-            else:
-                with acc.autocast():
-                    responses, response_mask, _ = generate(policy, ids, mask, self.generation_config,
-                                                           self.session.stop_token_ids, tokenizer.pad_token_id,
-                                                           len(chunk))
-            completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            completions = tokenizer.batch_decode(generated.response_ids, skip_special_tokens=True)
             scores = self.rewards[name]([prompts.texts[i] for i in chunk], completions,
-                                        torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1))
+                                        torch.cat([ids, generated.response_ids], 1),
+                                        torch.cat([mask, generated.response_mask], 1))
             rows.extend(zip(chunk, scores.tolist(), completions, strict=True))
-
-
-def _engine_sampling(sampling: dict) -> dict:
-    """transformers' decoding settings (ours, or a checkpoint's) as the vLLM engine's; one line for a
-    checkpoint setting it cannot apply."""
-    supported = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty"}
-    unsupported = sorted(set(sampling) - supported)
-    if unsupported:
-        raise UserError(f"eval.engine: vllm cannot decode with the checkpoint's generation setting(s) "
-                        f"{', '.join(unsupported)} (eval.checkpoint_generation_config: true); use eval.engine: hf")
-    return {"greedy": not sampling.get("do_sample", False), "temperature": sampling.get("temperature", 1.0),
-            "top_k": sampling.get("top_k", 0) or 0, "top_p": sampling.get("top_p", 1.0),
-            "repetition_penalty": sampling.get("repetition_penalty", 1.0)}
 
 
 def _checkpoint_sampling(source: str) -> dict:

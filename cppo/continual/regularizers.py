@@ -17,9 +17,9 @@ import torch
 
 from .. import core
 from ..data import left_pad
+from ..engine import SeedKey
 from ..errors import UserError
 from ..modules import policy_response_logits
-from ..rollout import generate
 
 
 class Regularizer:
@@ -115,15 +115,18 @@ class ImportancePenalty(ParameterPenalty):
         prompts = trainer.stage.prompts
         generator = torch.Generator().manual_seed(self.seed + trainer.stage.step_offset)
         chosen = torch.randperm(len(prompts), generator=generator)[:self.samples].tolist()
-        mine = chosen[acc.process_index::acc.num_processes]
+        rows = range(acc.process_index, len(chosen), acc.num_processes)
+        mine = [chosen[row] for row in rows]
         totals = {name: torch.zeros_like(p) for name, p in params.items()}
         if mine:
             prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in mine], trainer.tokenizer.pad_token_id)
             prompt_ids, prompt_mask = prompt_ids.to(trainer.device), prompt_mask.to(trainer.device)
             policy.eval()
-            # Responses sampled autoregressively from the task-end policy, as in the Fisher's definition.
-            responses, response_mask, _ = generate(policy, prompt_ids, prompt_mask, trainer.generation_config,
-                                                   trainer.stop_token_ids, trainer.tokenizer.pad_token_id, len(mine))
+            # Responses sampled autoregressively from the task-end policy, as in the Fisher's definition, by the
+            # rollout engine (as the rollouts and the memory build are).
+            key = SeedKey(trainer.config.seed, "importance", trainer.stage.step_offset, tuple(rows))
+            generated, _ = trainer.generate(policy, mine, key)
+            responses, response_mask = generated.response_ids, generated.response_mask
             for row in range(len(mine)):  # one gradient per sequence: squared/abs per sequence, then averaged
                 ids = torch.cat([prompt_ids[row:row + 1], responses[row:row + 1]], 1)
                 mask = torch.cat([prompt_mask[row:row + 1], response_mask[row:row + 1]], 1)

@@ -38,7 +38,6 @@ from ..data import PromptSet
 from ..errors import UserError
 from ..memory import RolloutMemory
 from ..memory import build as build_memory
-from ..models import load_frozen
 from ..outputs import OutputDir, writing
 from ..session import Session, Stage, first_stage, open_session, task_prompts
 from ..trainer import PPOTrainer
@@ -88,6 +87,17 @@ class Checkpointer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def restore(self, checkpoint: Path, state: dict) -> None:
+        """What a resumed run takes back from `checkpoint`: the matrix so far, the last stats, the finished
+        tasks' hashes, the regulariser's importance and the rollout memory."""
+        self.matrix.row_names, self.matrix.rows = state["matrix"]["row_names"], state["matrix"]["rows"]
+        self.final_stats = state["final_stats"]
+        self.task_outputs = dict(state.get("task_outputs", {}))
+        if self.regularizer is not None and (checkpoint / "regularizer.pt").is_file():
+            self.regularizer.load_state_dict(torch.load(checkpoint / "regularizer.pt", weights_only=False))
+        if self.memory is not None:
+            self.memory.load_state_dict(torch.load(checkpoint / "memory.pt", weights_only=False))
 
     def _stop_everywhere(self) -> bool:
         """Whether any process was asked to stop (all processes must save and leave together)."""
@@ -150,7 +160,7 @@ def run(config: Config, resume: str | None = None, force: bool = False, overwrit
 def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> dict:
     session = open_session(config, output)
     regularizer = build_regularizer(config, session.backend)
-    acc, out = session.accelerator, Path(config.output_dir)
+    out = Path(config.output_dir)
     checkpoint = resolve_resume(resume, out) if resume else None
     state = read_state(checkpoint) if checkpoint else None
     if state is not None:
@@ -167,52 +177,58 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
     memory = RolloutMemory(config.memory, config.seed) if config.uses_memory else None
     checkpointer = Checkpointer(session, matrix, regularizer, run_id, memory)
     if state is not None:
-        matrix.row_names, matrix.rows = state["matrix"]["row_names"], state["matrix"]["rows"]
-        checkpointer.final_stats = state["final_stats"]
-        checkpointer.task_outputs = dict(state.get("task_outputs", {}))
-        if regularizer is not None and (checkpoint / "regularizer.pt").is_file():
-            regularizer.load_state_dict(torch.load(checkpoint / "regularizer.pt", weights_only=False))
-        if memory is not None:
-            memory.load_state_dict(torch.load(checkpoint / "memory.pt", weights_only=False))
-    elif evaluator.sets and config.eval.engine == "vllm":
-        matrix.append("initial", evaluator.evaluate(None))  # the engine is built from π_0: nothing to load
+        checkpointer.restore(checkpoint, state)
     elif evaluator.sets:
-        initial = load_frozen("AutoModelForCausalLM", session.initial_policy, config.model,
-                              session.tokenizer.pad_token_id)
-        initial = session.backend.place_frozen(initial)
-        matrix.append("initial", evaluator.evaluate(initial))
-        del initial
-    last_dir = None
+        matrix.append("initial", evaluator.evaluate_initial())
     with checkpointer.signal_handlers():
         try:
-            for index, stage in enumerate(stages(session, prompt_sets)):
-                checkpointer.stage_index, last_dir = index, stage.output_dir
-                if state is not None and (index < state["stage_index"] or
-                                          (index == state["stage_index"] and state["stage_complete"])):
-                    continue  # trained before the checkpoint
-                trainer = trainer_class(config)(session, stage, regularizer, memory)
-                if state is not None and index == state["stage_index"]:
-                    trainer.load_state(checkpoint, state["trainer"], force)
-                checkpointer.final_stats = trainer.train(checkpointer.after_step)
-                if regularizer is not None:
-                    regularizer.task_end(trainer)
-                if memory is not None and index + 1 < len(config.tasks):
-                    remember(trainer, memory, index)
-                if evaluator.sets:
-                    with session.backend.whole(trainer.model) as model:
-                        matrix.append(f"after {stage.name}", evaluator.evaluate(model.policy))
-                    matrix.write(session)
-                    session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
-                failpoint(f"task_end:{stage.name}")
-                checkpointer.save(trainer.global_step, finished=stage.output_dir)
-                trainer.close()
-                del trainer
+            last_dir = _train_stages(session, prompt_sets, evaluator, checkpointer, checkpoint, state, force)
         except Preempted as stop:
-            if acc.is_main_process:
+            if session.accelerator.is_main_process:
                 print(f"stopped by a signal; checkpoint {stop.checkpoint}. Resume with: "
                       f"cppo train <config> --resume", file=sys.stderr, flush=True)
-            session.tracker.finish(session.engine)
+            session.close()
             return {"preempted": str(stop.checkpoint), "final_stats": checkpointer.final_stats}
+    return _finish(session, output, checkpointer, evaluator, last_dir)
+
+
+def _train_stages(session: Session, prompt_sets: list[PromptSet], evaluator: Evaluator, checkpointer: Checkpointer,
+                  checkpoint: Path | None, state: dict | None, force: bool) -> Path:
+    """Train, evaluate and checkpoint every stage the checkpoint (if any) has not finished; returns the last
+    stage's directory."""
+    config = session.config
+    regularizer, memory, matrix = checkpointer.regularizer, checkpointer.memory, checkpointer.matrix
+    extra = {"memory": memory} if memory is not None else {}  # only CPPO keeps a rollout memory
+    last_dir = None
+    for index, stage in enumerate(stages(session, prompt_sets)):
+        checkpointer.stage_index, last_dir = index, stage.output_dir
+        if state is not None and (index < state["stage_index"] or
+                                  (index == state["stage_index"] and state["stage_complete"])):
+            continue  # trained before the checkpoint
+        trainer = trainer_class(config)(session, stage, regularizer, **extra)
+        if state is not None and index == state["stage_index"]:
+            trainer.load_state(checkpoint, state["trainer"], force)
+        checkpointer.final_stats = trainer.train(checkpointer.after_step)
+        if regularizer is not None:
+            regularizer.task_end(trainer)
+        if memory is not None and index + 1 < len(config.tasks):
+            remember(trainer, memory, index)
+        if evaluator.sets:
+            with session.backend.whole(trainer.model) as model:
+                matrix.append(f"after {stage.name}", evaluator.evaluate(model.policy))
+            matrix.write(session)
+            session.tracker.log_evaluation(matrix.rows[-1], trainer.global_step)
+        failpoint(f"task_end:{stage.name}")
+        checkpointer.save(trainer.global_step, finished=stage.output_dir)
+        trainer.close()
+        del trainer
+    return last_dir
+
+
+def _finish(session: Session, output: OutputDir, checkpointer: Checkpointer, evaluator: Evaluator,
+            last_dir: Path) -> dict:
+    """The run's summary.json, links to the final models and the matrix's table; then the session closes."""
+    acc, out, matrix = session.accelerator, Path(session.config.output_dir), checkpointer.matrix
     summary = {"final_stats": checkpointer.final_stats, **matrix.summary()}
     output.claim()
     if acc.is_main_process:
@@ -222,8 +238,7 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
         if evaluator.sets:
             print(format_table(matrix), flush=True)
     session.tracker.log_summary(summary)
-    acc.wait_for_everyone()
-    session.tracker.finish(session.engine)
+    session.close()
     return summary
 
 
