@@ -198,3 +198,23 @@ def prune(output_dir: str | Path, keep: int | None) -> None:
 
 def read_state(directory: Path) -> dict:
     return json.loads((directory / STATE).read_text())
+
+
+def check_stage_state(directory: Path, state: dict, task: str, fingerprint: str, processes: int, force: bool) -> None:
+    """A mid-task checkpoint's trainer `state` (its `save_state`) continues this stage: the same task on the same
+    prompts (`--force` resumes on changed ones), the saved models it starts from still there, the same number of
+    processes; else one line."""
+    stream = state["prompt_stream"]
+    if stream["task"] != task:
+        raise UserError(f"checkpoint {directory} is of task {stream['task']!r}, not {task!r}")
+    if stream["fingerprint"] != fingerprint:
+        if not force:
+            raise UserError(f"the prompts of task {task!r} changed since {directory} was written "
+                            "(resuming would skip or repeat samples); --force resumes anyway")
+        warnings.warn(f"resuming task {task!r} on changed prompts (--force)", stacklevel=3)
+    for name in ("start_policy", "reference"):
+        if Path(state[name]).is_absolute() and not Path(state[name]).exists():
+            raise UserError(f"checkpoint {directory} needs {state[name]} ({name}), which no longer exists")
+    if state["processes"] != processes:
+        raise UserError(f"checkpoint {directory} was written by {state['processes']} processes; resume with "
+                        f"the same number (got {processes})")

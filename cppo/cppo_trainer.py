@@ -38,12 +38,12 @@ class CPPOTrainer(PPOTrainer):
         ccfg = self.config.cppo
         # The five types need μ and σ over the whole batch: ℓ and R are computed on the gathered batch,
         # so the same rollouts give bit-identical statistics on any number of processes.
-        mask = self.gather_rows(batch.response_mask)
+        mask = self.backend.gather_rows(batch.response_mask)
         # ℓ_i: mean token log-prob of the response [resolution: SPEC §3]; R_i: score or shaped score.
-        every_logprob = (self.gather_rows(batch.old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        every_reward = self.gather_rows(batch.scores)
+        every_logprob = (self.backend.gather_rows(batch.old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        every_reward = self.backend.gather_rows(batch.scores)
         if ccfg.stats_reward == "shaped":
-            every_reward = every_reward - self.kl_coef * (self.gather_rows(kl) * mask).sum(-1)
+            every_reward = every_reward - self.kl_coef * (self.backend.gather_rows(kl) * mask).sum(-1)
         if ccfg.weighting == "learned":
             alpha, beta, types = learned_weights(every_logprob, every_reward, ccfg.k, ccfg.lb, ccfg.ub, ccfg.tau,
                                                  ccfg.coef_lr, ccfg.coef_steps, ccfg.coef_tol)
@@ -51,7 +51,8 @@ class CPPOTrainer(PPOTrainer):
             alpha, beta, types = heuristic_weights(every_logprob, every_reward, ccfg.k, ccfg.lb, ccfg.ub,
                                                    ccfg.weighting)
         alpha, beta = apply_ablation(alpha.to(self.device), beta.to(self.device), ccfg.ablation)
-        local_alpha, local_beta = self.local_rows(alpha, batch.scores), self.local_rows(beta, batch.scores)
+        local_alpha = self.backend.local_rows(alpha, batch.scores)
+        local_beta = self.backend.local_rows(beta, batch.scores)
         batch.loss_weights = {"policy": local_alpha, "value": local_alpha if ccfg.alpha_weights_value_loss else None}
         if ccfg.kr_source != "memory":
             batch.loss_weights["kr"] = local_beta
@@ -77,7 +78,7 @@ class CPPOTrainer(PPOTrainer):
             return stats
         query = None
         if mcfg.retrieve == "similar":
-            ids, mask = self.gather_rows(batch.prompt_ids), self.gather_rows(batch.prompt_mask)
+            ids, mask = self.backend.gather_rows(batch.prompt_ids), self.backend.gather_rows(batch.prompt_mask)
             query = [row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)]
         self.memory_batch = memory.batch(memory.retrieve(mcfg.batch_size, query), self.tokenizer.pad_token_id,
                                          self.device)

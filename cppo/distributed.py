@@ -159,6 +159,24 @@ class Backend:
                 "micro_batch_per_process": mini // pcfg.gradient_accumulation_steps,
                 "gradient_accumulation_steps": pcfg.gradient_accumulation_steps}
 
+    # ------------------------------------------------------------------ global (all-process) batches
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's rows → the global batch (every process's rows in rank order, columns padded
+        with zeros to the widest). Every batch-level statistic is taken on this."""
+        if self.accelerator.num_processes == 1:
+            return x
+        if x.dim() > 1:
+            x = self.accelerator.pad_across_processes(x, dim=1, pad_index=0)
+        return self.accelerator.gather(x)
+
+    def local_rows(self, global_x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a gathered tensor, cut back to the local shape of `like`."""
+        rows = like.shape[0]
+        start = self.accelerator.process_index * rows
+        out = global_x[start:start + rows]
+        return out[:, :like.shape[1]] if like.dim() > 1 else out
+
     # ---------------------------------------------------------------------------------- wrapping
 
     def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -6,6 +6,7 @@ built once into the cache so that everything runs with no network.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -198,3 +199,23 @@ def load_value_model(source: str, cfg: ModelConfig, pad_token_id: int):
     return model
 
 
+def save_models(model, directory: Path, cfg: ModelConfig, tokenizer, policy_source: str) -> None:
+    """The policy (merged if LoRA, its adapter beside it) and the critic (if any) of an `ActorCritic` as
+    standard HF directories under `directory`, each with the tokenizer; the policy keeps the generation
+    settings its source checkpoint (`policy_source`) ships (rollouts never use them)."""
+    policy = model.policy
+    if cfg.lora_r > 0:
+        policy.save_pretrained(directory / "policy_adapter")
+        policy = copy.deepcopy(policy).merge_and_unload()
+    policy.save_pretrained(directory / "policy")
+    original = checkpoint_generation_config(policy_source)
+    if original is not None:
+        original.save_pretrained(directory / "policy")
+    tokenizer.save_pretrained(directory / "policy")
+    value_model = model.value_model
+    if value_model is None:  # critic-free (SPEC §9)
+        return
+    if cfg.value_lora_r > 0:  # the next task's critic loads from a plain directory
+        value_model = copy.deepcopy(value_model).merge_and_unload()
+    value_model.save_pretrained(directory / "value_model")
+    tokenizer.save_pretrained(directory / "value_model")

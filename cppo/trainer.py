@@ -9,23 +9,22 @@ Statistics over the batch are taken on the batch gathered from every process, in
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
 from . import core
-from .checkpoint import failpoint, restore_rng, rng_state
+from .checkpoint import check_stage_state, failpoint, restore_rng, rng_state
 from .data import PromptStream, left_pad
 from .engine import Generated, SeedKey
 from .errors import UserError
-from .models import checkpoint_generation_config, load_frozen, load_policy, load_value_model
+from .models import load_frozen, load_policy, load_value_model, save_models
 from .modules import ActorCritic
 from .nonfinite import NonFiniteGuard
+from .optim import build_optimizer, build_scheduler
 from .outputs import writing
 from .rewards import RunningMoments, process_scores
 from .rollout import PromptAndResponse, Rollout, Sampled, response_logprobs, response_values, stack_sequences
@@ -70,8 +69,8 @@ class PPOTrainer:
             "AutoModelForCausalLM", stage.anchor, mcfg, pad))
         value_model = None if stage.value_model is None else load_value_model(stage.value_model, mcfg, pad)
         model = ActorCritic(policy, value_model)
-        optimizer = self._build_optimizer(model)
-        self.scheduler = self._build_scheduler(optimizer)
+        optimizer = build_optimizer(model, config.ppo)
+        self.scheduler = build_scheduler(optimizer, config.ppo, stage.steps)
         self.model, self.optimizer = self.backend.prepare(model, optimizer, config)
 
         gcfg = config.generation
@@ -89,31 +88,6 @@ class PPOTrainer:
             regularizer.task_start(self)
 
     # ------------------------------------------------------------------------------------------ setup
-
-    def _build_optimizer(self, model: ActorCritic) -> torch.optim.Optimizer:
-        """AdamW, one parameter group per model, on torch's fused kernel where the device has one: one
-        kernel over all tensors instead of a loop over them (SmolLM2-135M's policy and critic on CPU:
-        0.33 s an update against 1.38 s, scripts/benchmark_step.py). It rounds differently from the
-        loop, so results differ from it in the last bits; from one run to the next, and across resume,
-        they are identical."""
-        pcfg = self.config.ppo
-        groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": pcfg.learning_rate}]
-        if model.value_model is not None:
-            groups.append({"params": [p for p in model.value_model.parameters() if p.requires_grad],
-                           "lr": pcfg.value_learning_rate or pcfg.learning_rate})
-        try:
-            return torch.optim.AdamW(groups, weight_decay=pcfg.weight_decay, fused=True)
-        except RuntimeError:  # a device (or parameter type) without the fused kernel
-            return torch.optim.AdamW(groups, weight_decay=pcfg.weight_decay)
-
-    def _build_scheduler(self, optimizer: torch.optim.Optimizer):
-        from transformers import get_scheduler
-
-        pcfg = self.config.ppo
-        updates = self.stage.steps * pcfg.ppo_epochs * (pcfg.rollout_batch_size // pcfg.mini_batch_size)
-        name = "constant_with_warmup" if pcfg.lr_scheduler == "constant" else pcfg.lr_scheduler
-        return get_scheduler(name, optimizer, num_warmup_steps=pcfg.warmup_steps,
-                             num_training_steps=updates)
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -302,36 +276,20 @@ class PPOTrainer:
 
     def process_scores(self, batch: Rollout) -> torch.Tensor:
         """Each task's raw scores processed by its reward config, over the global batch (SPEC §2)."""
-        raw, stopped, task = (self.gather_rows(x) for x in (batch.raw_scores, batch.stopped, batch.task))
+        raw, stopped, task = (self.backend.gather_rows(x) for x in (batch.raw_scores, batch.stopped, batch.task))
         scores = torch.zeros_like(raw, dtype=torch.float32)
         for j in task.unique().tolist():
             rows = task == j
             scores[rows] = process_scores(raw[rows], stopped[rows], self.stage.reward_configs[j],
                                           self.score_moments[j], bool(self.stop_token_ids))
-        return self.local_rows(scores, batch.raw_scores)
+        return self.backend.local_rows(scores, batch.raw_scores)
 
     # ------------------------------------------------------------------ global (all-process) statistics
 
-    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """This process's rows → the global batch (every process's rows in rank order, columns padded
-        with zeros to the widest). Every batch-level statistic is taken on this."""
-        if self.accelerator.num_processes == 1:
-            return x
-        if x.dim() > 1:
-            x = self.accelerator.pad_across_processes(x, dim=1, pad_index=0)
-        return self.accelerator.gather(x)
-
-    def local_rows(self, global_x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """This process's slice of a gathered tensor, cut back to the local shape of `like`."""
-        rows = like.shape[0]
-        start = self.accelerator.process_index * rows
-        out = global_x[start:start + rows]
-        return out[:, :like.shape[1]] if like.dim() > 1 else out
-
     def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked whitening with the mean and variance of the global batch (SPEC §2)."""
-        whitened = core.masked_whiten(self.gather_rows(x), self.gather_rows(mask))
-        return self.local_rows(whitened, x)
+        whitened = core.masked_whiten(self.backend.gather_rows(x), self.backend.gather_rows(mask))
+        return self.backend.local_rows(whitened, x)
 
     def update_kl_coef(self, sequence_kl: float) -> None:
         pcfg = self.config.ppo
@@ -497,19 +455,7 @@ class PPOTrainer:
         """Continue exactly where `save_state` left off: weights, optimiser, schedule, RNG, data position."""
         acc = self.accelerator
         stream = state["prompt_stream"]
-        if stream["task"] != self.stage.name:
-            raise UserError(f"checkpoint {directory} is of task {stream['task']!r}, not {self.stage.name!r}")
-        if stream["fingerprint"] != self.stage.prompts.fingerprint():
-            if not force:
-                raise UserError(f"the prompts of task {self.stage.name!r} changed since {directory} was written "
-                                "(resuming would skip or repeat samples); --force resumes anyway")
-            warnings.warn(f"resuming task {self.stage.name!r} on changed prompts (--force)", stacklevel=2)
-        for name in ("start_policy", "reference"):
-            if Path(state[name]).is_absolute() and not Path(state[name]).exists():
-                raise UserError(f"checkpoint {directory} needs {state[name]} ({name}), which no longer exists")
-        if state["processes"] != acc.num_processes:
-            raise UserError(f"checkpoint {directory} was written by {state['processes']} processes; resume with "
-                            f"the same number (got {acc.num_processes})")
+        check_stage_state(directory, state, self.stage.name, self.stage.prompts.fingerprint(), acc.num_processes, force)
         self.backend.load_training_state(directory, self.model, self.optimizer)
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
         restore_rng(torch.load(directory / f"rng_{acc.process_index}.pt", weights_only=False),
@@ -536,7 +482,7 @@ class PPOTrainer:
             columns.update(mismatch_sum=mismatch.sum(-1), mismatch_max=mismatch.amax(-1))
         if batch.is_weights is not None:
             columns["is_weight"] = batch.is_weights.float().sum(-1)
-        gathered = self.gather_rows(torch.stack(list(columns.values()), dim=1)).T
+        gathered = self.backend.gather_rows(torch.stack(list(columns.values()), dim=1)).T
         every = dict(zip(columns, gathered, strict=True))  # each column over the global batch
         tokens = every["length"].sum().clamp_min(1)
         raw = every["raw"]
@@ -571,24 +517,5 @@ class PPOTrainer:
         with self.backend.whole_on_main(self.model) as model:
             if model is not None:
                 with writing(directory, "the models of task " + repr(self.stage.name) + " in"):
-                    self._save_models(model, directory)
+                    save_models(model, directory, self.config.model, self.tokenizer, self.stage.policy)
         self.accelerator.wait_for_everyone()  # the next task loads what was just written
-
-    def _save_models(self, model: ActorCritic, directory: Path) -> None:
-        policy = model.policy
-        if self.config.model.lora_r > 0:
-            policy.save_pretrained(directory / "policy_adapter")
-            policy = copy.deepcopy(policy).merge_and_unload()
-        policy.save_pretrained(directory / "policy")
-        # The checkpoint's own generation settings travel with it (rollouts never use them).
-        original = checkpoint_generation_config(self.stage.policy)
-        if original is not None:
-            original.save_pretrained(directory / "policy")
-        self.tokenizer.save_pretrained(directory / "policy")
-        value_model = model.value_model
-        if value_model is None:  # critic-free (SPEC §9)
-            return
-        if self.config.model.value_lora_r > 0:  # the next task's critic loads from a plain directory
-            value_model = copy.deepcopy(value_model).merge_and_unload()
-        value_model.save_pretrained(directory / "value_model")
-        self.tokenizer.save_pretrained(directory / "value_model")
