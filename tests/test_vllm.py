@@ -54,20 +54,21 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny):
-    from cppo.config import Config
-    from cppo.engine import VLLMEngine
-
-    config = Config()
-    config.vllm.kv_cache_memory_bytes = 64 << 20
-    return VLLMEngine(config, str(tiny), torch.device("cpu"), 1, 0, 128)
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny):
     from cppo.models import load_tokenizer
 
     return load_tokenizer(str(tiny), False)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny, tokenizer):
+    from cppo.config import Config
+    from cppo.vllm_engine import VLLMEngine
+
+    config = Config()
+    config.vllm.kv_cache_memory_bytes = 64 << 20
+    return VLLMEngine(config, str(tiny), torch.device("cpu"), 1, 0, 128, "no", [tokenizer.eos_token_id],
+                      tokenizer.pad_token_id)
 
 
 def load(path):
@@ -82,9 +83,14 @@ def prompts(tokenizer, n=6):
     return [tokenizer(text)["input_ids"] for text in toy_prompts(n, seed=3)]
 
 
-def sample(engine, tokenizer, ids, seeds, **sampling):
-    return engine.generate(ids, seeds, max_new_tokens=12, stop_token_ids=[tokenizer.eos_token_id],
-                           pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"), **sampling)
+def sample(engine, ids, key=None, **settings):
+    """(response_ids, response_mask, stopped, the engine's log-probs) of 12 tokens at most, sampled unless
+    `do_sample=False`; each response seeded by its row of `key` (default rows 0, 1, ...)."""
+    from cppo.engine import Decoding, SeedKey
+
+    key = key or SeedKey.contiguous(0, "test", 0, 0, len(ids))
+    out = engine.generate(ids, Decoding(12, {"do_sample": True, **settings}), key)
+    return out.response_ids, out.response_mask, out.stopped, out.logprobs
 
 
 def recomputed(policy, tokenizer, ids, responses, temperature, response_mask=None):
@@ -108,7 +114,7 @@ def test_the_sampled_tokens_logprobs_are_those_of_a_transformers_forward(engine,
     policy = load(tiny)
     engine.load(policy)
     ids = prompts(tokenizer)
-    responses, mask, stopped, logprobs = sample(engine, tokenizer, ids, list(range(len(ids))), temperature=0.7)
+    responses, mask, stopped, logprobs = sample(engine, ids, temperature=0.7)
     assert mask.sum() > len(ids) and responses.shape[1] <= 12
     assert max_gap(recomputed(policy, tokenizer, ids, responses, 0.7, mask), logprobs, mask) < 1e-4
     # Nothing after the stop token, and a response stops only at it.
@@ -129,7 +135,7 @@ def test_after_a_load_the_engine_samples_from_the_new_weights(engine, tiny, toke
     ids = prompts(tokenizer)
     engine.load(old)
     engine.load(new)
-    responses, mask, _, logprobs = sample(engine, tokenizer, ids, list(range(len(ids))))
+    responses, mask, _, logprobs = sample(engine, ids)
     assert max_gap(recomputed(new, tokenizer, ids, responses, 1.0, mask), logprobs, mask) < 1e-4
     assert max_gap(recomputed(old, tokenizer, ids, responses, 1.0, mask), logprobs, mask) > 1e-2
 
@@ -150,7 +156,7 @@ def test_a_lora_policy_is_loaded_merged_and_left_untouched(engine, tiny, tokeniz
     # Bit for bit: a merge and unmerge in place would round the frozen base weights at every load.
     after = policy.state_dict()
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
-    responses, mask, _, logprobs = sample(engine, tokenizer, ids, list(range(len(ids))))
+    responses, mask, _, logprobs = sample(engine, ids)
     assert max_gap(recomputed(policy, tokenizer, ids, responses, 1.0, mask), logprobs, mask) < 1e-4
     with policy.disable_adapter():
         assert max_gap(recomputed(policy, tokenizer, ids, responses, 1.0, mask), logprobs, mask) > 1e-2
@@ -159,37 +165,35 @@ def test_a_lora_policy_is_loaded_merged_and_left_untouched(engine, tiny, tokeniz
 @pytest.mark.vllm
 @pytest.mark.xdist_group("engine")
 def test_a_response_depends_on_its_prompt_and_seed_only(engine, tiny, tokenizer):
-    from cppo.engine import request_seed
+    from cppo.engine import SeedKey
 
     engine.load(load(tiny))
     ids = prompts(tokenizer, 4)
-    seeds = [request_seed(0, "rollout", 3, row) for row in range(4)]
-    all_four = sample(engine, tokenizer, ids, seeds)[0]
+    all_four = sample(engine, ids, SeedKey.contiguous(0, "rollout", 3, 0, 4))[0]
     # Two of them, in another order, in another batch (as on another process): the same responses.
-    two = sample(engine, tokenizer, [ids[3], ids[1]], [seeds[3], seeds[1]])[0]
+    two = sample(engine, [ids[3], ids[1]], SeedKey(0, "rollout", 3, (3, 1)))[0]
     for row, original in ((0, 3), (1, 1)):
         n = int((two[row] != tokenizer.pad_token_id).sum())
         assert torch.equal(two[row, :n], all_four[original, :n])
-    other = sample(engine, tokenizer, ids, [s + 1 for s in seeds])[0]
+    other = sample(engine, ids, SeedKey.contiguous(0, "rollout", 4, 0, 4))[0]
     assert not torch.equal(other, all_four)
-    assert len({request_seed(0, "rollout", step, row) for step in range(50) for row in range(64)}) == 50 * 64
 
 
 @pytest.mark.vllm
 @pytest.mark.xdist_group("engine")
 def test_greedy_decoding_is_that_of_transformers_generate(engine, tiny, tokenizer):
-    from cppo.data import left_pad
-    from cppo.engine import generate, make_generation_config
+    import contextlib
+
+    from cppo.engine import HFEngine
 
     policy = load(tiny)
     engine.load(policy)
     ids = prompts(tokenizer)
-    ours = sample(engine, tokenizer, ids, None, greedy=True)[0]
-    config = make_generation_config([tokenizer.eos_token_id], tokenizer.pad_token_id, do_sample=False,
-                                    max_new_tokens=12)
-    prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
-    theirs = generate(policy, prompt_ids, prompt_mask, config, [tokenizer.eos_token_id], tokenizer.pad_token_id,
-                      len(ids))[0]
+    ours = sample(engine, ids, do_sample=False)[0]
+    transformers_engine = HFEngine(torch.device("cpu"), contextlib.nullcontext, None, [tokenizer.eos_token_id],
+                                   tokenizer.pad_token_id)
+    transformers_engine.load(policy)
+    theirs = sample(transformers_engine, ids, do_sample=False)[0]
     assert torch.equal(ours, theirs[:, :ours.shape[1]]) and (theirs[:, ours.shape[1]:] == tokenizer.pad_token_id).all()
 
 
