@@ -145,7 +145,7 @@ def write_markdown(meta: dict, results: dict, tuning: dict, chosen: dict, span: 
              f"Versions: {meta['versions']}; {meta['machine']}  ",
              f"Wall time: {span}. Reported seeds {meta['seeds']}; tuning seeds {meta['tuning_seeds']}.", "",
              "Mean ± 95% CI (t) over the reported seeds of the reference PM's reward metrics "
-             "(`cppo/metrics.py`); task1_gain_lost = (S[1][1] − S[T][1]) / (S[1][1] − S[0][1]).", "",
+             "(`cppo/continual/metrics.py`); task1_gain_lost = (S[1][1] − S[T][1]) / (S[1][1] − S[0][1]).", "",
              "| method | " + " | ".join(KEYS) + " | coefficient |", "|---|" + "---|" * (len(KEYS) + 1)]
     for method, entry in results.items():
         cells = []
