@@ -405,3 +405,24 @@ def test_the_demo_trains_its_models_in_fp32_without_checkpointing_whatever_trls_
         config = config_class(output_dir=str(tmp_path), report_to=[], **args)
         assert config.bf16 is False and config.fp16 is False and config.gradient_checkpointing is False
         assert getattr(config, "activation_checkpointing", False) is False
+
+
+@pytest.mark.parametrize(("regularizer", "lora_r", "refused"), [
+    ("l2", 0, True), ("ewc", 0, True), ("mas", 0, True), ("lwf", 0, False), ("lwf", 4, True), ("none", 4, False)])
+def test_a_regularizer_a_sharded_back_end_cannot_compute_is_one_line(regularizer, lora_r, refused):
+    import types
+
+    from cppo.config import Config
+    from cppo.continual.regularizers import build_regularizer
+
+    config = Config()
+    config.continual.regularizer, config.model.lora_r = regularizer, lora_r
+    sharded = types.SimpleNamespace(sharded_weights=True, name="fsdp2")
+    whole = types.SimpleNamespace(sharded_weights=False, name="ddp")
+    built = build_regularizer(config, whole)
+    assert (built is None) == (regularizer == "none")
+    if refused:
+        with pytest.raises(UserError, match=f"^continual.regularizer {regularizer} .*fsdp2"):
+            build_regularizer(config, sharded)
+    else:
+        assert type(build_regularizer(config, sharded)) is type(built)

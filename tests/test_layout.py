@@ -116,3 +116,14 @@ def test_no_module_past_its_size():
 
 def test_the_trainer_does_not_import_the_rollout_memory():
     assert "cppo.memory" not in imports(PACKAGE / "trainer.py")
+
+
+def test_the_public_entry_points_keep_working():
+    import cppo
+    from cppo.cppo_trainer import CPPOTrainer
+    from cppo.trainer import PPOTrainer
+
+    assert (cppo.PPOTrainer, cppo.CPPOTrainer) == (PPOTrainer, CPPOTrainer) and issubclass(CPPOTrainer, PPOTrainer)
+    assert cppo.UserError.__module__ == "cppo.errors" and cppo.load_config.__module__ == "cppo.config_loading"
+    config = cppo.load_config(ROOT / "configs" / "ppo_tiny.yaml")
+    assert isinstance(config, cppo.Config) and config.tasks[0].reward.function.startswith("cppo.toy:")
