@@ -1,6 +1,11 @@
-"""cppo: Continual Proximal Policy Optimization (CPPO, ICLR 2024) for causal language models."""
+"""cppo: Continual Proximal Policy Optimization (CPPO, ICLR 2024) for causal language models.
 
-__all__ = ["CPPOTrainer", "Config", "PPOTrainer", "UserError", "load_config"]
+The public API (docs/guides/python-api.md): `load_config` (a YAML file or a mapping, with overrides) → `Config`;
+`run(config)` trains its task stream and returns the summary; `UserError` is what a bad input raises.
+`PPOTrainer` and `CPPOTrainer` train one stage of a run (`cppo.continual.build_trainer` builds one).
+"""
+
+__all__ = ["CPPOTrainer", "Config", "PPOTrainer", "UserError", "load_config", "run"]
 __version__ = "0.1.0"
 
 
@@ -26,4 +31,8 @@ def __getattr__(name: str):
         from .config_loading import load_config
 
         return load_config
+    if name == "run":
+        from .continual import run
+
+        return run
     raise AttributeError(f"module 'cppo' has no attribute {name!r}")

@@ -89,9 +89,26 @@ def build_tiny(args: argparse.Namespace) -> int:
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line as the commands read it (`key=value` overrides gathered wherever they stand)."""
+def show_config(args: argparse.Namespace) -> int:
+    """`cppo config`: the resolved config with every default, or the documentation of every field."""
+    if args.doc:
+        from .config import Config
+        from .config_docs import schema
+
+        for row in schema(Config):
+            print(f"{row.key}: {row.type} = {row.default}\n    {row.doc}")
+        return 0
+    from .config_loading import config_yaml
+
+    print(config_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="cppo", description="Continual PPO for causal language models.")
+    parser.add_argument("--version", action="version", version=f"cppo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train on a config: cppo train CONFIG [key=value ...]")
     p.add_argument("config", help="YAML config file")
@@ -131,10 +148,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = commands.add_parser("build-tiny", help="write a tiny offline GPT-2 and its tokenizer to a directory")
     p.add_argument("out_dir")
     p.set_defaults(run=build_tiny)
+    p = commands.add_parser("config", help="print a config resolved, every default filled in: cppo config [CONFIG] "
+                                           "[key=value ...]; --doc: every field's documentation")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (none: every default)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    p.add_argument("--doc", action="store_true", help="print every field with its type, default and meaning")
+    p.set_defaults(run=show_config)
+    return parser
+
+
+_LONG_OVERRIDE = re.compile(r"^--[A-Za-z_][A-Za-z0-9_.-]*=")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as the commands read it (`key=value` overrides gathered wherever they stand;
+    `--section.field=value`, as TRL's scripts spell them, is the same override)."""
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    takes_overrides = args.command in ("train", "config")
+    unknown = [a[2:] if takes_overrides and _LONG_OVERRIDE.match(a) else a for a in unknown]
     # `key=value` overrides may also come after the flags (`cppo train c.yaml --resume ppo.steps=80`).
     stray = [a for a in unknown if a.startswith("-") or "=" not in a]
-    if stray or (unknown and args.command != "train"):
+    if stray and takes_overrides and stray[0].startswith("--") and "." in stray[0]:
+        parser.error(f"unrecognized argument {stray[0]}: a config field is set as {stray[0][2:]}=VALUE "
+                     f"(or --{stray[0][2:]}=VALUE), not as a separate flag and value")
+    if stray or (unknown and not takes_overrides):
         parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
     if unknown:
         args.overrides = [*args.overrides, *unknown]
@@ -154,7 +192,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.command != "sweep":  # a sweep only starts processes: none of the libraries models need
+    if args.command not in ("sweep", "config"):  # neither loads a model: none of the libraries they need
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # loading/saving bars would bury the training progress

@@ -270,7 +270,7 @@ class PPOConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm (policy and critic together); null disables."""
     advantage: Literal["gae", "rloo", "grpo", "reinforce_pp"] = "gae"
-    """Advantage estimator (SPEC §9): `gae` with a critic (§2); critic-free `rloo` (leave-one-out baseline
+    """Advantage estimator (docs/algorithm.md §9): `gae` with a critic (§2); critic-free `rloo` (leave-one-out baseline
     over the prompt's group), `grpo` (group-normalised reward) or `reinforce_pp` (returns-to-go whitened
     over the batch). Without a critic no value model is built, trained or saved, and VF leaves the loss."""
     scale_rewards: Literal["group", "none"] = "group"
@@ -355,8 +355,8 @@ class CPPOConfig:
     kr_coef: float = 1.0
     """Coefficient c_kr of the knowledge-retention term KR in the loss."""
     kr_source: Literal["rollouts", "memory", "both"] = "rollouts"
-    """Where KR acts (SPEC §8): on the current rollouts (§5), on entries of the rollout memory of earlier tasks
-    (the `memory` section; D2 of the continual objective), or both."""
+    """Where KR acts (docs/algorithm.md §8): on the current rollouts (§5), on the entries of the rollout memory of
+    earlier tasks (the `memory` section; D2 of the continual objective), or both."""
     kr_anchor: Literal["previous_task", "rollout"] = "previous_task"
     """Policy KR pulls toward: π_{t−1} frozen at the task's start (paper), or the rollout policy (authors' code)."""
     kl_reference: Literal["previous_task", "initial"] = "previous_task"
@@ -393,7 +393,7 @@ class CPPOConfig:
 
 @dataclass
 class MemoryConfig:
-    """The rollout memory (SPEC §8), used with `algo: cppo` and `cppo.kr_source: memory | both`."""
+    """The rollout memory (docs/algorithm.md §8), used with `algo: cppo` and `cppo.kr_source: memory | both`."""
 
     capacity: int = 256
     """Most entries (responses) held over all earlier tasks."""
@@ -492,20 +492,29 @@ class Config:
     save_total_limit: int | None = 3
     """Keep the newest this many checkpoints (null keeps all; task-end policies are always kept)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy, its critic and tokenizer, their dtype, LoRA."""
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
+    """The task stream, in training order: each task's prompts, evaluation prompts, reward and budget."""
     eval_reward: RewardConfig | None = None
     """Evaluation reward model for every task (the paper's reference PM); null: each task's own reward."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """How the evaluation matrix is decoded and scored after each task."""
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    """The schedule over the tasks and the continual-learning baselines (L2, EWC, MAS, LwF)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How rollouts are sampled: the engine, length, temperature, stop token, responses per prompt."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """The PPO update: batch sizes, epochs, optimiser, advantage estimator, clipping, KL."""
     cppo: CPPOConfig = field(default_factory=CPPOConfig)
+    """CPPO's rollout types, weights and knowledge-retention term (with `algo: cppo`)."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The rollout memory of earlier tasks (with `cppo.kr_source: memory` or `both`)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine (with `generation.engine` or `eval.engine` vllm)."""
 
     @property
     def uses_critic(self) -> bool:
-        """Whether the run has a value model (GAE); the critic-free estimators of SPEC §9 have none."""
+        """Whether the run has a value model (GAE); the critic-free estimators of docs/algorithm.md §9 have none."""
         return self.ppo.advantage == "gae"
 
     @property
@@ -515,7 +524,7 @@ class Config:
 
     @property
     def uses_memory(self) -> bool:
-        """Whether the run builds and retrieves a rollout memory (SPEC §8)."""
+        """Whether the run builds and retrieves a rollout memory (docs/algorithm.md §8)."""
         return self.algo == "cppo" and self.cppo.kr_source != "rollouts"
 
     def validate(self, num_processes: int = 1) -> Config:

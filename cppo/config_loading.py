@@ -3,7 +3,9 @@ into the typed, validated dataclasses of `cppo.config`; and what a resume may an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -31,9 +33,14 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), num_processes: int = 1) -> Config:
-    """Read `path` (YAML), apply `a.b=value` overrides (values parsed as YAML), build and validate."""
-    raw = read_yaml_mapping(path, "config file") if path is not None else {}
+def load_config(source: str | Path | dict | None = None, overrides: list[str] = (), num_processes: int = 1) -> Config:
+    """The run config of `source`, a YAML file or a mapping of the same shape (None: every default), with
+    `a.b=value` overrides applied (values parsed as YAML; a leading `--`, as in `--ppo.steps=5`, is allowed),
+    built and validated. `num_processes` is the number of processes it will run on (batch sizes must split)."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        raw = read_yaml_mapping(source, "config file") if source is not None else {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -103,9 +110,48 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(names))})")
+        suggestion = nearest_key(prefix + str(unknown[0]))
+        hint = f"; did you mean {suggestion}?" if suggestion else ""
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}'{hint} (known keys here: "
+                        f"{', '.join(sorted(names))})")
     kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
     return cls(**kwargs)
+
+
+def field_names(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted field name of dataclass `cls` and its sections (a list of sections as `tasks.0.`)."""
+    names = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
+        section = next((a for a in inner if dataclasses.is_dataclass(a)), None)
+        listed = next((typing.get_args(a)[0] for a in inner if typing.get_origin(a) is list
+                       and dataclasses.is_dataclass(typing.get_args(a)[0])), None)
+        if section is not None:
+            names.extend(field_names(section, f"{prefix}{f.name}."))
+        elif listed is not None:
+            names.extend(field_names(listed, f"{prefix}{f.name}.0."))
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def nearest_key(key: str) -> str | None:
+    """The config field a mistyped or misplaced dotted `key` most likely meant (`ppo.learning_rat` →
+    `ppo.learning_rate`, `learning_rate` → `ppo.learning_rate`), or None when nothing is close."""
+    known = field_names()
+    normalised = re.sub(r"\.\d+\.", ".0.", key)
+    close = difflib.get_close_matches(normalised, known, n=1, cutoff=0.75)
+    if not close:  # the right name in the wrong section
+        leaf = normalised.rsplit(".", 1)[-1]
+        close = [name for name in known if name.rsplit(".", 1)[-1] == leaf][:1] or [
+            name for name in known if difflib.get_close_matches(leaf, [name.rsplit(".", 1)[-1]], cutoff=0.85)][:1]
+    if not close:
+        return None
+    digits = re.search(r"\.(\d+)\.", key)
+    return close[0].replace(".0.", f".{digits[1]}.") if digits else close[0]
 
 
 def _convert(tp: Any, value: Any, name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The maths of PPO for language models: pure functions over tensors (SPEC §2, §5, §9).
+"""The maths of PPO for language models: pure functions over tensors (docs/algorithm.md §2, §5, §9).
 
 Shapes: B = rollouts, T = response tokens (right-padded), V = vocabulary. `mask` is the response
 mask (B, T) with 1 on real response tokens (a prefix of each row); `weights` are per rollout (B,),
@@ -19,7 +19,7 @@ def weighted_token_count(mask: torch.Tensor, weights: torch.Tensor | None = None
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None,
                 denominator: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Σ w m x / Σ w m over the whole batch (SPEC §5); 0 when every weight or mask entry is 0.
+    """Σ w m x / Σ w m over the whole batch (docs/algorithm.md §5); 0 when every weight or mask entry is 0.
 
     `denominator` replaces Σ w m: a caller that splits a batch into parts passes the whole batch's
     Σ w m, so that the parts' results add up to the whole batch's mean.
@@ -93,7 +93,7 @@ def response_mask_from_stop(responses: torch.Tensor,
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL(π ‖ π_ref) estimate from sampled tokens (SPEC §2). (B, T) -> (B, T).
+    """Per-token KL(π ‖ π_ref) estimate from sampled tokens (docs/algorithm.md §2). (B, T) -> (B, T).
 
     k1 = log π − log π_ref (unbiased, can be negative); k3 = r − 1 − log r with r = π_ref/π
     (unbiased, never negative).
@@ -107,7 +107,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """r_t = −c_kl·kl_t + [t = last response token]·score (SPEC §2).
+    """r_t = −c_kl·kl_t + [t = last response token]·score (docs/algorithm.md §2).
 
     scores: (B,), kl and mask: (B, T) -> (B, T), zero outside the mask.
     """
@@ -139,14 +139,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO (SPEC §9): A_i = R_i − mean of the other G − 1 rewards of i's group. rewards: (B,), B a multiple of
-    G, each group's G responses contiguous -> (B,)."""
+    """RLOO (docs/algorithm.md §9): A_i = R_i − mean of the other G − 1 rewards of i's group. rewards: (B,), B a
+    multiple of G, each group's G responses contiguous -> (B,)."""
     r = rewards.view(-1, group_size)
     return (r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)).flatten()
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO (SPEC §9): A_i = (R_i − mean_g R) / (std_g R + ε) with the unbiased std of i's group, or
+    """GRPO (docs/algorithm.md §9): A_i = (R_i − mean_g R) / (std_g R + ε) with the unbiased std of i's group, or
     R_i − mean_g R without the division (`scale` False: Dr. GRPO). A group of equal rewards gives 0.
     rewards: (B,) in contiguous groups of G -> (B,)."""
     r = rewards.view(-1, group_size)
@@ -157,8 +157,8 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, 
 
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """G_t = Σ_{t' ≥ t} r_t' over the response (γ = 1; REINFORCE++, SPEC §9). (B, T) -> (B, T), 0 outside the
-    mask."""
+    """G_t = Σ_{t' ≥ t} r_t' over the response (γ = 1; REINFORCE++, docs/algorithm.md §9). (B, T) -> (B, T), 0 outside
+    the mask."""
     r = rewards * mask.to(rewards.dtype)
     return (r.flip(-1).cumsum(-1).flip(-1)) * mask.to(rewards.dtype)
 
@@ -167,7 +167,7 @@ def advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, values
                gamma: float = 1.0, lam: float = 0.95, group_size: int = 1,
                scale_rewards: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token advantages (B, T) of the shaped rewards `rewards` (B, T), and GAE's returns (None without a
-    critic), by `ppo.advantage` (SPEC §2, §9). The sequence estimators (`rloo`, `grpo`) take R_i = Σ_t r_it
+    critic), by `ppo.advantage` (docs/algorithm.md §2, §9). The sequence estimators (`rloo`, `grpo`) take R_i = Σ_t r_it
     (the score less the KL shaping) and broadcast A_i to every response token of i. Whitening over the
     global batch (`whitens`) is the caller's: it needs every process's rows."""
     m = mask.to(rewards.dtype)
@@ -193,15 +193,15 @@ def whitens(estimator: str, whiten_advantages: bool) -> bool:
 
 def k3_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
             denominator: torch.Tensor | float | None = None) -> torch.Tensor:
-    """GRPO's KL term with `kl_in: loss` (SPEC §9): the masked token mean of k3(π_θ ‖ π_ref), differentiable
-    in the policy's log-probs. (B, T) -> scalar."""
+    """GRPO's KL term with `kl_in: loss` (docs/algorithm.md §9): the masked token mean of k3(π_θ ‖ π_ref),
+    differentiable in the policy's log-probs. (B, T) -> scalar."""
     return masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask, None, denominator)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float, weights: torch.Tensor | None = None, denominator: torch.Tensor | None = None,
                 token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate, a loss to minimise (SPEC §2, §5 with weights = α).
+    """Clipped surrogate, a loss to minimise (docs/algorithm.md §2, §5 with weights = α).
 
     CLIP_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = exp(log π_θ − log π_roll); the loss is
     the weighted masked mean Σ α m CLIP / Σ α m (`denominator` as in `masked_mean`). All (B, T);

@@ -1,6 +1,6 @@
-"""CPPO (SPEC §3–§5, §8): the PPO loop of `cppo.trainer` with two of its hooks overridden: per-rollout α and β
-from the five rollout types (`prepare_losses`) and the knowledge-retention term (`extra_losses`), on the
-current rollouts or on entries of the rollout memory of earlier tasks (`cppo.memory`)."""
+"""CPPO (docs/algorithm.md §3–§5, §8): the PPO loop of `cppo.trainer` with two of its hooks overridden: per-rollout α
+and β from the five rollout types (`prepare_losses`) and the knowledge-retention term (`extra_losses`), on the current
+rollouts or on entries of the rollout memory of earlier tasks (`cppo.memory`)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from .weighting import apply_ablation, batch_stats, heuristic_weights, learned_w
 
 
 class CPPOTrainer(PPOTrainer):
-    """CPPO (SPEC §3–§5): PPO whose rollouts are typed by (ℓ, R) and weighted by α in the policy loss
+    """CPPO (docs/algorithm.md §3–§5): PPO whose rollouts are typed by (ℓ, R) and weighted by α in the policy loss
     and by β in the knowledge-retention term KR = Σ β m (log π_θ − log π_anchor)² / Σ β m.
 
     With `kr_anchor: previous_task` and `kl_reference: previous_task` the anchor and the KL reference
     are the same frozen π_{t−1}, so KR reuses the reference log-probs: no extra model pass.
 
-    With a rollout `memory` of earlier tasks (SPEC §8) each step draws a memory batch (`retrieve_memory`);
+    With a rollout `memory` of earlier tasks (docs/algorithm.md §8) each step draws a memory batch (`retrieve_memory`);
     its entries ride along with the rollouts of every micro-batch (`update_extras`, `extra_rows`) and add
     the memory term c_mem·KR_mem (`extra_losses`).
     """
@@ -39,7 +39,7 @@ class CPPOTrainer(PPOTrainer):
         # The five types need μ and σ over the whole batch: ℓ and R are computed on the gathered batch,
         # so the same rollouts give bit-identical statistics on any number of processes.
         mask = self.backend.gather_rows(batch.response_mask)
-        # ℓ_i: mean token log-prob of the response [resolution: SPEC §3]; R_i: score or shaped score.
+        # ℓ_i: mean token log-prob of the response [resolution: docs/algorithm.md §3]; R_i: score or shaped score.
         every_logprob = (self.backend.gather_rows(batch.old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         every_reward = self.backend.gather_rows(batch.scores)
         if ccfg.stats_reward == "shaped":
@@ -67,8 +67,8 @@ class CPPOTrainer(PPOTrainer):
         return stats
 
     def retrieve_memory(self, batch: Rollout) -> dict[str, float]:
-        """The step's memory batch (SPEC §8 retrieve): the same entries on every process, keyed by the global
-        batch's prompts for `retrieve: similar`. Returns what the memory holds and what was drawn, per task."""
+        """The step's memory batch (docs/algorithm.md §8, retrieve): the same entries on every process, keyed by the
+        global batch's prompts for `retrieve: similar`. Returns what the memory holds and what was drawn, per task."""
         started = time.perf_counter()
         mcfg, memory, names = self.config.memory, self.memory, [t.name for t in self.config.tasks]
         self.memory_batch = None
@@ -109,13 +109,14 @@ class CPPOTrainer(PPOTrainer):
         terms = {}
         if "kr" in batch.loss_weights:  # KR on the current rollouts (not with kr_source: memory)
             kr_coef = self.config.cppo.kr_coef
-            if not self.kr_active:  # β ≡ 0 over the batch: KR is 0 (SPEC §5), skip its arithmetic
+            if not self.kr_active:  # β ≡ 0 over the batch: KR is 0 (docs/algorithm.md §5), skip its arithmetic
                 terms["kr"] = (kr_coef, torch.zeros((), device=logprobs.device))
             else:
                 squared = (logprobs - batch.anchor_logprobs) ** 2
                 terms["kr"] = (kr_coef, core.masked_mean(squared, batch.response_mask, batch.loss_weights["kr"],
                                                          denominators["kr"]))
-        if extra is not None:  # the memory term (SPEC §8): 0 while the memory is empty or this part has no entry
+        # the memory term (docs/algorithm.md §8): 0 while the memory is empty or this part has no entry
+        if extra is not None:
             mcfg = self.config.memory
             entries, denominator = extra
             terms["memory"] = (mcfg.kr_coef, torch.zeros((), device=logprobs.device) if extra_logprobs is None else

@@ -311,7 +311,7 @@ def continual_config(artifacts: dict, output_dir: Path, algo: str, seed: int, st
 # ones the continual benchmark chose on its tuning seeds (scripts/benchmark_continual.py).
 METHODS = {
     "ppo": ("ppo", []),
-    "cppo": ("cppo", []),  # KR on the current rollouts (SPEC §5), kr_coef 0.03
+    "cppo": ("cppo", []),  # KR on the current rollouts (docs/algorithm.md §5), kr_coef 0.03
     "cppo_memory": ("cppo", ["cppo.kr_source=memory", "memory.kr_coef=0.1"]),  # KR on the rollout memory (§8)
 }
 

@@ -46,6 +46,8 @@ def requested_backend() -> str:
 def make_accelerator(config: Config) -> Accelerator:
     """The run's Accelerator, on the back end asked for, or a one-line error."""
     cpu = not torch.accelerator.is_available()
+    if cpu:  # DeepSpeed, imported by transformers and accelerate whenever installed, need not guess (and say so)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     requested = requested_backend()
     sharded = requested.startswith(("deepspeed", "fsdp"))
     forced = cpu and sharded and os.environ.get(FORCE_ON_CPU_ENV) == "1"
@@ -382,8 +384,8 @@ class Backend:
 
 
 def _cpu_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
-    """policy + critic (an ActorCritic, LoRA adapters included; no critic for SPEC §9's estimators) rebuilt on
-    the CPU from `state`."""
+    """policy + critic (an ActorCritic, LoRA adapters included; no critic for docs/algorithm.md §9's estimators) rebuilt
+    on the CPU from `state`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .modules import ActorCritic

@@ -1,4 +1,4 @@
-"""The rollout memory of earlier tasks (SPEC §8): KR where forgetting happens, on earlier tasks' prompts.
+"""The rollout memory of earlier tasks (docs/algorithm.md §8): KR where forgetting happens, on earlier tasks' prompts.
 
 At the end of task j the policy π_j answers sampled prompts of task j; the responses, π_j's per-token
 log-probs λ, ℓ and R are kept by `memory.select` (**build**). The memory holds at most `capacity` entries;
@@ -40,7 +40,7 @@ class Entry:
     logprobs: list[float]  # λ: π_j's log-prob of each response token (rollout temperature), float32 values
     logprob_mean: float  # ℓ
     reward: float  # R: task j's processed score
-    type: int  # 1..5 in its build batch (SPEC §3)
+    type: int  # 1..5 in its build batch (docs/algorithm.md §3)
     beta: float  # the §4 heuristic β of its type in its build batch
     order: int = 0  # when it entered the memory (fifo evicts the smallest)
 
@@ -80,7 +80,7 @@ class MemoryBatch:
 
 def retention_loss(logprobs: torch.Tensor, stored_logprobs: torch.Tensor, mask: torch.Tensor, beta: torch.Tensor,
                    denominator: torch.Tensor, kind: str) -> torch.Tensor:
-    """The memory term on (part of) a memory batch (SPEC §8), with the whole batch's `denominator`.
+    """The memory term on (part of) a memory batch (docs/algorithm.md §8), with the whole batch's `denominator`.
 
     kr:  Σ β m (log π_θ − λ)² / denominator   (denominator = Σ β m over the memory batch)
     sft: −Σ m log π_θ / denominator           (denominator = Σ m over the memory batch)
@@ -100,7 +100,8 @@ def keep_mask(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float, select
               types: torch.Tensor) -> torch.Tensor:
     """Which responses of a build batch are kept (B,) bool: `all`, `high_reward` (R ≥ μ_R + kσ_R over the
     batch) or `r1` (type 1: high ℓ and high R). When every R is the same (σ_R = 0, or a single response), each
-    is at the top: `high_reward` keeps them all; `r1` keeps none (SPEC §3: a degenerate batch is all r5)."""
+    is at the top: `high_reward` keeps them all; `r1` keeps none (docs/algorithm.md §3: a degenerate batch is all
+    r5)."""
     if select == "all":
         return torch.ones_like(reward, dtype=torch.bool)
     if select == "r1":
@@ -191,7 +192,7 @@ class RolloutMemory:
     # ------------------------------------------------------------------------------------------- update
 
     def add(self, entries: list[Entry]) -> int:
-        """Add a task's entries, then evict down to `capacity` (SPEC §8 update); returns how many went."""
+        """Add a task's entries, then evict down to `capacity` (docs/algorithm.md §8 update); returns how many went."""
         for entry in entries:
             self.entries.append(replace(entry, order=self.added))
             self.added += 1

@@ -213,7 +213,7 @@ def save_models(model, directory: Path, cfg: ModelConfig, tokenizer, policy_sour
         original.save_pretrained(directory / "policy")
     tokenizer.save_pretrained(directory / "policy")
     value_model = model.value_model
-    if value_model is None:  # critic-free (SPEC §9)
+    if value_model is None:  # critic-free (docs/algorithm.md §9)
         return
     if cfg.value_lora_r > 0:  # the next task's critic loads from a plain directory
         value_model = copy.deepcopy(value_model).merge_and_unload()

@@ -38,7 +38,7 @@ def token_scalars(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 class ActorCritic(nn.Module):
     """Policy and critic as one module, so one optimiser and one `accelerator.prepare` cover both
     (DDP, DeepSpeed and FSDP each wrap a single module). `value_model` is None for the critic-free
-    estimators (SPEC §9): the module is then the policy alone."""
+    estimators (docs/algorithm.md §9): the module is then the policy alone."""
 
     def __init__(self, policy: nn.Module, value_model: nn.Module | None):
         super().__init__()

@@ -37,7 +37,7 @@ class Rollout(PromptAndResponse):
     stopped: torch.Tensor  # (B,) bool: the response ends with the stop token
     old_logprobs: torch.Tensor  # (B, R) log π_roll of each response token
     ref_logprobs: torch.Tensor  # (B, R) log π_ref of each response token
-    old_values: torch.Tensor | None  # (B, R) critic's values at rollout time (None: critic-free, SPEC §9)
+    old_values: torch.Tensor | None  # (B, R) critic's values at rollout time (None: critic-free, docs/algorithm.md §9)
     entropy: torch.Tensor | None  # (B, R) entropy of π_roll at each response position (None: not computed)
     raw_scores: torch.Tensor  # (B,) reward before clipping, normalisation and KL shaping
     task: torch.Tensor | None = None  # (B,) index of each prompt's task (each is scored by its own reward)

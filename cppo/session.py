@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .config import Config
+from .config import Config, DataConfig
 from .data import PromptSet, build_prompt_set, check_data_source
 from .distributed import Backend, make_accelerator
 from .engine import Engine, HFEngine
@@ -246,7 +246,7 @@ class Stage:
     reward_configs: list  # RewardConfig per task index (PromptSet.task)
     steps: int
     policy: str  # where the policy starts: π_{t−1}
-    value_model: str | None  # where the critic starts (None: critic-free, SPEC §9)
+    value_model: str | None  # where the critic starts (None: critic-free, docs/algorithm.md §9)
     reference: str  # reference of the reward's KL penalty
     anchor: str | None  # π_{t−1} for KR / LwF when it is not the reference (then a second frozen model)
     output_dir: Path
@@ -255,7 +255,20 @@ class Stage:
 
 def task_prompts(session: Session, index: int) -> PromptSet:
     task = session.config.tasks[index]
-    return build_prompt_set(task.prompts, session.tokenizer, index, f"tasks[{index}].prompts")
+    prompts = build_prompt_set(task.prompts, session.tokenizer, index, f"tasks[{index}].prompts")
+    announce_long_prompts(session, prompts, task.prompts, f"tasks[{index}].prompts")
+    return prompts
+
+
+def announce_long_prompts(session: Session, prompts: PromptSet, data: DataConfig, field_name: str) -> None:
+    """How many prompts of a set `max_prompt_length` changed (truncated or dropped), printed once at start."""
+    changed = {k: n for k, n in prompts.counts.items() if n}
+    if not changed or not session.accelerator.is_main_process:
+        return
+    total = len(prompts) + prompts.counts.get("dropped", 0)
+    what = ", ".join(f"{n} {kind}" for kind, n in changed.items())
+    print(f"cppo: {field_name}: {what} of {total} prompts longer than max_prompt_length {data.max_prompt_length} "
+          f"tokens (long_prompts: {data.long_prompts})", file=sys.stderr, flush=True)
 
 
 def first_stage(session: Session, output_dir: Path | None = None, prompts: PromptSet | None = None) -> Stage:

@@ -1,7 +1,7 @@
-"""The PPO loop for causal language models (SPEC §2), with the hooks CPPO overrides (SPEC §5).
+"""The PPO loop for causal language models (docs/algorithm.md §2), with the hooks CPPO overrides (docs/algorithm.md §5).
 
 One step reads top to bottom in `PPOTrainer.step`: rollout → scores → KL-shaped rewards → advantages (GAE
-with the critic, or a critic-free estimator of SPEC §9)
+with the critic, or a critic-free estimator of docs/algorithm.md §9)
 → per-rollout loss weights (the `prepare_losses` hook) → epochs of mini-batch updates → KL controller → stats.
 Statistics over the batch are taken on the batch gathered from every process, in `gather_rows`.
 """
@@ -132,7 +132,7 @@ class PPOTrainer:
         batch.scores = self.process_scores(batch)
         pcfg = self.config.ppo
         kl = core.kl_penalty(batch.old_logprobs, batch.ref_logprobs, pcfg.kl_estimator)
-        # With GRPO's `kl_in: loss` the KL is a loss term instead of a part of the reward (SPEC §9).
+        # With GRPO's `kl_in: loss` the KL is a loss term instead of a part of the reward (docs/algorithm.md §9).
         rewards = core.shaped_rewards(batch.scores, kl, batch.response_mask,
                                       self.kl_coef if pcfg.kl_in == "reward" else 0.0)
         # Each process holds whole prompt groups (rows of one prompt contiguous), so the group estimators
@@ -167,7 +167,7 @@ class PPOTrainer:
         """Generate this process's share of the next prompt batch and score it."""
         pcfg, gcfg = self.config.ppo, self.config.generation
         acc = self.accelerator
-        group = gcfg.num_generations  # G responses to each prompt, contiguous rows (SPEC §9)
+        group = gcfg.num_generations  # G responses to each prompt, contiguous rows (docs/algorithm.md §9)
         prompts = self.prompt_stream.next_indices(pcfg.rollout_batch_size // group, acc.process_index,
                                                   acc.num_processes)
         indices = [i for i in prompts for _ in range(group)]
@@ -275,7 +275,7 @@ class PPOTrainer:
                 yield policy
 
     def process_scores(self, batch: Rollout) -> torch.Tensor:
-        """Each task's raw scores processed by its reward config, over the global batch (SPEC §2)."""
+        """Each task's raw scores processed by its reward config, over the global batch (docs/algorithm.md §2)."""
         raw, stopped, task = (self.backend.gather_rows(x) for x in (batch.raw_scores, batch.stopped, batch.task))
         scores = torch.zeros_like(raw, dtype=torch.float32)
         for j in task.unique().tolist():
@@ -287,7 +287,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ global (all-process) statistics
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Masked whitening with the mean and variance of the global batch (SPEC §2)."""
+        """Masked whitening with the mean and variance of the global batch (docs/algorithm.md §2)."""
         whitened = core.masked_whiten(self.backend.gather_rows(x), self.backend.gather_rows(mask))
         return self.backend.local_rows(whitened, x)
 
@@ -383,7 +383,7 @@ class PPOTrainer:
         """Each loss term's Σ w·m over the whole mini-batch on all processes, ÷ processes.
 
         Every micro-batch divides its Σ w·m·loss by this, so the micro-batches add up, and DDP's mean
-        over processes gives exactly the mini-batch's Σ w·m·loss / Σ w·m of SPEC §5, however the
+        over processes gives exactly the mini-batch's Σ w·m·loss / Σ w·m of docs/algorithm.md §5, however the
         mini-batch is split.
         """
         mask = batch.response_mask[rows]
@@ -422,7 +422,7 @@ class PPOTrainer:
                                            mb.loss_weights["value"], denominators["value"])
             terms["value"] = (pcfg.vf_coef, vf)
             stats["value/clipfrac"] = vf_stats["clipfrac"]
-        if pcfg.kl_in == "loss":  # GRPO's KL term (SPEC §9), token mean over the whole mini-batch
+        if pcfg.kl_in == "loss":  # GRPO's KL term (docs/algorithm.md §9), token mean over the whole mini-batch
             terms["kl"] = (self.kl_coef, core.k3_loss(logprobs, mb.ref_logprobs, mask, denominators["tokens"]))
         terms.update(self.extra_losses(mb, logprobs, denominators, extra, extra_logprobs))
         if self.regularizer is not None:

@@ -1,4 +1,4 @@
-"""CPPO's rollout types and weights (SPEC §3, §4): pure functions over 1-D tensors of one batch.
+"""CPPO's rollout types and weights (docs/algorithm.md §3, §4): pure functions over 1-D tensors of one batch.
 
 Inputs are the **global** rollout batch (the trainer gathers it from every process first):
 `logprob_mean` ℓ_i, the mean log π_roll over rollout i's response tokens, and `reward` R_i, its
@@ -27,7 +27,7 @@ class BatchStats(NamedTuple):
 
 
 def batch_stats(logprob_mean: torch.Tensor, reward: torch.Tensor) -> BatchStats:
-    """SPEC §3: degenerate when N < 2, or either σ is 0 or not finite."""
+    """docs/algorithm.md §3: degenerate when N < 2, or either σ is 0 or not finite."""
     n = logprob_mean.numel()
     if n < 2:
         mu_l = logprob_mean.double().mean().item() if n else math.nan
@@ -59,10 +59,10 @@ def _types_from_coordinates(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def classify_rollouts(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float) -> torch.Tensor:
-    """Type 1..5 of each rollout (SPEC §3 table); every rollout is r5 in a degenerate batch.
+    """Type 1..5 of each rollout (docs/algorithm.md §3 table); every rollout is r5 in a degenerate batch.
 
     High ℓ ⇔ ℓ ≥ μ_ℓ + kσ_ℓ and low ℓ ⇔ ℓ ≤ μ_ℓ − kσ_ℓ (same for R), μ and the unbiased σ taken
-    over the batch. ℓ is the mean token log-prob of the response [resolution: SPEC §3].
+    over the batch. ℓ is the mean token log-prob of the response [resolution: docs/algorithm.md §3].
     """
     stats = batch_stats(logprob_mean, reward)
     if stats.degenerate:
@@ -74,7 +74,7 @@ def heuristic_weights(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float
                       mode: str = "heuristic") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(α, β, types) per rollout, float32 (B,) and long (B,).
 
-    `heuristic` is the continuous Table 2 of the paper (SPEC §4), with r3's row mirrored
+    `heuristic` is the continuous Table 2 of the paper (docs/algorithm.md §4), with r3's row mirrored
     [resolution: the published α = min(ub, u), β = max(lb, 2 + v) breaks the table's own
     constraints α(r3) > 1, β(r3) < 1]:
 
@@ -101,7 +101,7 @@ def heuristic_weights(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float
 
 def weights_at(u: torch.Tensor, v: torch.Tensor, lb: float, ub: float,
                mode: str = "heuristic") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """α, β and the type at normalised coordinates (u, v) (SPEC §4 tables): the weight surfaces."""
+    """α, β and the type at normalised coordinates (u, v) (docs/algorithm.md §4 tables): the weight surfaces."""
     types = _types_from_coordinates(u, v)
     ones = torch.ones_like(u)
     if mode == "balance":
@@ -123,7 +123,7 @@ def weights_at(u: torch.Tensor, v: torch.Tensor, lb: float, ub: float,
     return alpha, beta, types
 
 
-# Coefficients of each type's group mean in the τ-bracket of L_coef (SPEC §4), index 1..5:
+# Coefficients of each type's group mean in the τ-bracket of L_coef (docs/algorithm.md §4), index 1..5:
 #   α: (ᾱ5 − ᾱ1) + (ᾱ5 − ᾱ2) + (ᾱ5 − ᾱ3) + (ᾱ4 − ᾱ5)
 #   β: (β̄5 − β̄1) + (β̄2 − β̄5) + (β̄3 − β̄5) + (β̄4 − β̄5)
 # A bracketed term pairs type j (1..4) with r5; it is dropped when group j is empty.
@@ -133,7 +133,7 @@ _BETA_SIGN = (0.0, -1.0, +1.0, +1.0, +1.0)
 
 def learned_weights(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float, lb: float, ub: float,
                     tau: float, lr: float, steps: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(α, β, types) minimising the paper's L_coef with Adam (SPEC §4), detached.
+    """(α, β, types) minimising the paper's L_coef with Adam (docs/algorithm.md §4), detached.
 
     Each rollout has free parameters φ_i with α_i = lb + (ub − lb)·sigmoid(φ_i1) (β_i likewise),
     started at α = β = 1, and
@@ -193,7 +193,7 @@ def learned_weights(logprob_mean: torch.Tensor, reward: torch.Tensor, k: float, 
 
 def apply_ablation(alpha: torch.Tensor, beta: torch.Tensor, ablation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`alpha_one` (α ≡ 1), `beta_one` (β ≡ 1), `beta_zero` (β ≡ 0), or several joined by `+`;
-    `none` keeps both. `alpha_one+beta_zero` is plain PPO (SPEC §4)."""
+    `none` keeps both. `alpha_one+beta_zero` is plain PPO (docs/algorithm.md §4)."""
     for part in ablation.split("+"):
         if part == "alpha_one":
             alpha = torch.ones_like(alpha)

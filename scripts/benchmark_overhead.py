@@ -1,7 +1,7 @@
 """Time cost of CPPO and of the rollout memory over PPO per training step, on the same config.
 
 PPO, CPPO with heuristic weighting, CPPO with learned weighting, and PPO and CPPO with KR on a rollout
-memory (SPEC §8; as the continual benchmark's ppo_memory and cppo_memory) are built side by side from one
+memory (docs/algorithm.md §8; as the continual benchmark's ppo_memory and cppo_memory) are built side by side from one
 config and stepped in turns (the order rotates every round), so machine noise hits all of them
 alike; the figure is the median over rounds of each method's step time divided by PPO's in the same
 round. Responses are sampled to full length (no stop token) so that every method does the same

@@ -12,7 +12,7 @@ reference, a critic and a reward model all from one checkpoint, 1 epoch of 2 min
          pip into its own directory (--trl-dir): the project's own trl is not touched.
   cppo   `CPPOTrainer.step()` on the equivalent config (algo: cppo, heuristic weighting).
   cppo-rloo, cppo-grpo, cppo-reinforce_pp
-         the same with a critic-free estimator (`ppo.advantage`, SPEC §9): no critic is built, run or
+         the same with a critic-free estimator (`ppo.advantage`, docs/algorithm.md §9): no critic is built, run or
          trained. Compare them with `cppo` (GAE) at the same `--generations` G (responses per prompt;
          the responses per step and their lengths do not change, so neither does the sampling work).
   cppo-vllm

@@ -1,7 +1,7 @@
 """Run under `accelerate launch` (or plain python): one step on a fixed rollout batch (and, when the config uses
 one, a fixed rollout memory), through the trainer's real `step` (the rollout is replaced by the fixed batch's
-share). Without a critic (SPEC §9) the batch has no values; its 8 rows are 4 prompts' groups of 2 (G = 2), or 2
-groups of 4, each process holding whole groups.
+share). Without a critic (docs/algorithm.md §9) the batch has no values; its 8 rows are 4 prompts' groups of 2 (G = 2),
+or 2 groups of 4, each process holding whole groups.
 
 Rank 0 writes the step's loss terms and the gradient of its one update (rollout_batch_size = mini_batch_size)
 to the JSON file named on the command line: the same on any number of processes and micro-batches.

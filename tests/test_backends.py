@@ -126,7 +126,8 @@ def ddp_critic_free_run(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_a_critic_free_run_matches_ddp_without_any_value_model(backend, ddp_critic_free_run, tmp_path):
-    """GRPO with its KL as a loss term (SPEC §9) and the memory term: the back end wraps the policy alone."""
+    """GRPO with its KL as a loss term (docs/algorithm.md §9) and the memory term: the back end wraps the policy
+    alone."""
     out = tmp_path / "out"
     result = launch(backend, out, *CRITIC_FREE)
     assert result.returncode == 0, result.stderr[-3000:]

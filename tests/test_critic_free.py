@@ -1,4 +1,4 @@
-"""Critic-free advantages (SPEC §9): RLOO, GRPO and REINFORCE++ by hand, groups of G responses per prompt,
+"""Critic-free advantages (docs/algorithm.md §9): RLOO, GRPO and REINFORCE++ by hand, groups of G responses per prompt,
 and runs without a value model: nothing of a critic is built, trained, logged, checkpointed or saved."""
 
 import json

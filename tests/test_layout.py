@@ -91,7 +91,8 @@ def test_no_import_circle():
 
 def test_the_core_never_imports_a_wing():
     for module, imported in import_graph().items():
-        if module.startswith(WINGS):
+        # `cppo` itself is the public facade: it imports nothing until an attribute (cppo.run) is asked for.
+        if module.startswith(WINGS) or module == "cppo":
             continue
         upward = sorted(m for m in imported if m.startswith(WINGS))
         assert not upward, f"{module} imports {upward}"

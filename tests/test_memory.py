@@ -1,4 +1,4 @@
-"""The rollout memory (SPEC §8): select, update, retrieve, the memory term by hand, and in real runs: the
+"""The rollout memory (docs/algorithm.md §8): select, update, retrieve, the memory term by hand, and in real runs: the
 build's stored log-probs, exact resume across a task boundary, and 2 processes against 1."""
 
 import json

@@ -1,6 +1,6 @@
 """Paths that only real checkpoints reach, each reproduced on a tiny model built here: a checkpoint's own
 generation defaults, LoRA dropout, encoder reward models, critics and reward models with another
-tokenizer, tokenizers that add a BOS, and SPEC §5's invariant over whole training steps."""
+tokenizer, tokenizers that add a BOS, and docs/algorithm.md §5's invariant over whole training steps."""
 
 import copy
 import json
@@ -284,7 +284,7 @@ def test_truncating_a_chat_prompt_keeps_its_template_whole(tmp_path, cppo_cache)
 
 
 def test_cppo_with_ppo_ablations_is_bit_identical_to_ppo(tmp_path, tiny_config):
-    """SPEC §5: α ≡ 1, β ≡ 0 is PPO; the weights after several steps must be equal bit for bit."""
+    """docs/algorithm.md §5: α ≡ 1, β ≡ 0 is PPO; the weights after several steps must be equal bit for bit."""
     from cppo.session import reset_accelerate_state
 
     weights, initial = {}, None

@@ -110,7 +110,7 @@ def five_type_batch(per_corner=4, centre=48, seed=0):
 
 
 def closed_form(types, tau):
-    """SPEC §4's unbounded minimiser, per rollout."""
+    """docs/algorithm.md §4's unbounded minimiser, per rollout."""
     n = types.numel()
     counts = torch.bincount(types, minlength=6).double()
     alpha_shift = {1: 1, 2: 1, 3: 1, 4: -1}

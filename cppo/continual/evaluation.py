@@ -1,4 +1,4 @@
-"""Evaluation of a continual run (SPEC §7): every task's evaluation set scored by a policy (`Evaluator`),
+"""Evaluation of a continual run (docs/algorithm.md §7): every task's evaluation set scored by a policy (`Evaluator`),
 one row of the evaluation matrix S per evaluation (`EvalMatrix`), and S as a text table."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..engine import SeedKey
 from ..errors import UserError
 from ..models import checkpoint_generation_config, load_frozen
 from ..outputs import replace_text, writing
-from ..session import Session
+from ..session import Session, announce_long_prompts
 from .metrics import summarize
 
 
@@ -32,6 +32,7 @@ class Evaluator:
             if task.eval_prompts is None:
                 continue
             prompts = build_prompt_set(task.eval_prompts, session.tokenizer, index, f"tasks[{index}].eval_prompts")
+            announce_long_prompts(session, prompts, task.eval_prompts, f"tasks[{index}].eval_prompts")
             if config.eval.max_prompts is not None:
                 prompts = PromptSet(*(getattr(prompts, f)[:config.eval.max_prompts]
                                       for f in ("ids", "texts", "task", "references")), prompts.counts)
@@ -168,7 +169,7 @@ class EvalMatrix:
                 "scores": {kind: self.scores(kind) for kind in kinds}}
 
     def summary(self) -> dict:
-        """SPEC §7 metrics per score kind, over the tasks that have an evaluation set."""
+        """docs/algorithm.md §7 metrics per score kind, over the tasks that have an evaluation set."""
         columns = self.evaluated_tasks()
         out = {}
         for kind, matrix in self.to_dict()["scores"].items():

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the evaluation matrix (SPEC §7).
+"""Continual-learning metrics from the evaluation matrix (docs/algorithm.md §7).
 
 S[i][j] is the score on task j's evaluation set after training tasks 1..i; row 0 is the initial
 model. Tasks are 1-based in the formulas and 0-based in the lists: S[i][j - 1].

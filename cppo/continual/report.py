@@ -108,7 +108,7 @@ def plot_type_fractions(run: dict, path: Path) -> None:
 
 
 def plot_weight_surfaces(path: Path, lb: float = 0.2, ub: float = 2.0) -> None:
-    """α and β over the normalised coordinates (u, v), heuristic and balance weighting (SPEC §4)."""
+    """α and β over the normalised coordinates (u, v), heuristic and balance weighting (docs/algorithm.md §4)."""
     plt = _pyplot()
     grid = torch.linspace(-3, 3, 241, dtype=torch.float64)
     u, v = torch.meshgrid(grid, grid, indexing="xy")

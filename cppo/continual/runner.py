@@ -1,4 +1,4 @@
-"""The task-sequence runner (SPEC §1, §7).
+"""The task-sequence runner (docs/algorithm.md §1, §7).
 
 For each task in order: a trainer starts from the previous task's policy and critic, with π_{t−1}
 frozen as KL reference (and CPPO's KR anchor); it trains, saves `task_<i>_<name>/`, and then every
@@ -243,7 +243,7 @@ def _finish(session: Session, output: OutputDir, checkpointer: Checkpointer, eva
 
 
 def remember(trainer: PPOTrainer, memory: RolloutMemory, task_index: int) -> None:
-    """SPEC §8 build and update at the end of a task that another follows; the memory is written beside the
+    """docs/algorithm.md §8 build and update at the end of a task that another follows; the memory is written beside the
     task's models (memory.jsonl) and its sizes go to the trackers."""
     session, config = trainer.session, trainer.config
     entries, stats = build_memory(trainer, task_index, config.memory, config.cppo, config.seed)
