@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import textwrap
 
 import pytest
@@ -426,3 +427,23 @@ def test_a_regularizer_a_sharded_back_end_cannot_compute_is_one_line(regularizer
             build_regularizer(config, sharded)
     else:
         assert type(build_regularizer(config, sharded)) is type(built)
+
+
+def test_prompts_that_max_prompt_length_changed_are_counted_in_the_log(tmp_path, capsys):
+    from cppo.config_loading import load_config
+    from cppo.continual.evaluation import Evaluator
+    from cppo.session import open_session, task_prompts
+
+    config = load_config(CONTINUAL, quick(tmp_path / "o", **{"tasks.0.prompts.max_prompt_length": 14,
+                                                             "tasks.0.prompts.long_prompts": "drop",
+                                                             "tasks.1.eval_prompts.max_prompt_length": 10}))
+    session = open_session(config)
+    prompts = task_prompts(session, 0)
+    Evaluator(session)
+    err = capsys.readouterr().err
+    dropped = prompts.counts["dropped"]
+    assert dropped > 0 and (f"cppo: tasks[0].prompts: {dropped} dropped of {len(prompts) + dropped} prompts longer "
+                            "than max_prompt_length 14 tokens (long_prompts: drop)") in err
+    assert re.search(r"cppo: tasks\[1\]\.eval_prompts: \d+ truncated of \d+ prompts longer than max_prompt_length 10 "
+                     r"tokens \(long_prompts: truncate\)", err), err
+    assert "tasks[1].prompts" not in err  # a set nothing changed is not mentioned
