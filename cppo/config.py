@@ -352,8 +352,10 @@ class CPPOConfig:
     """Upper bound of α and β (ub ≥ 1)."""
     weighting: Literal["heuristic", "balance", "learned"] = "heuristic"
     """α/β per type: the paper's continuous Table 2, the step constants of the authors' code, or L_coef."""
-    kr_coef: float = 1.0
-    """Coefficient c_kr of the knowledge-retention term KR in the loss."""
+    kr_coef: float = 0.01
+    """Coefficient c_kr of the knowledge-retention term KR in the loss. The default is the largest value with which
+    CPPO still learns as PPO does with every advantage estimator (docs/results/kr_coef_defaults.md); a longer
+    stream that must retain more takes a larger one (the benchmark chose 0.03 on the demo stream)."""
     kr_source: Literal["rollouts", "memory", "both"] = "rollouts"
     """Where KR acts (docs/algorithm.md §8): on the current rollouts (§5), on the entries of the rollout memory of
     earlier tasks (the `memory` section; D2 of the continual objective), or both."""

@@ -340,7 +340,10 @@ def run_demo(output_dir: Path, sizes: DemoSizes, seed: int = 0, log: Callable[[s
     report."""
     from . import continual
     from .continual import report
+    from .distributed import tell_deepspeed_the_device
     from .session import reset_accelerate_state
+
+    tell_deepspeed_the_device()
 
     started = time.perf_counter()
     check_output_dir(output_dir)

@@ -43,11 +43,17 @@ def requested_backend() -> str:
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
+def tell_deepspeed_the_device() -> None:
+    """DeepSpeed, when installed, is imported by transformers and accelerate to unwrap or save any model; at import it
+    guesses the device and, finding no GPU, prints that it falls back to the CPU. Without a GPU it is told so
+    first (a run that asks for a DeepSpeed back end on a CPU is refused in `make_accelerator` anyway)."""
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def make_accelerator(config: Config) -> Accelerator:
     """The run's Accelerator, on the back end asked for, or a one-line error."""
     cpu = not torch.accelerator.is_available()
-    if cpu:  # DeepSpeed, imported by transformers and accelerate whenever installed, need not guess (and say so)
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     requested = requested_backend()
     sharded = requested.startswith(("deepspeed", "fsdp"))
     forced = cpu and sharded and os.environ.get(FORCE_ON_CPU_ENV) == "1"

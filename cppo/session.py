@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from .config import Config, DataConfig
 from .data import PromptSet, build_prompt_set, check_data_source
-from .distributed import Backend, make_accelerator
+from .distributed import Backend, make_accelerator, tell_deepspeed_the_device
 from .engine import Engine, HFEngine
 from .errors import UserError
 from .models import (
@@ -135,6 +135,7 @@ def reset_accelerate_state() -> None:
 def open_session(config: Config, output: OutputDir | None = None) -> Session:
     """`output`: the run's checked output directory (cppo.continual.run); library callers that pass
     none write into `config.output_dir` as it is."""
+    tell_deepspeed_the_device()  # before a builtin model is built and saved
     check_sources(config)
     check_vllm_installed(config)
     accelerator = make_accelerator(config)

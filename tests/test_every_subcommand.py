@@ -217,6 +217,19 @@ def test_build_tiny_writes_a_new_or_empty_directory_and_refuses_anything_else(tm
     refused(["build-tiny", str(empty)], capsys, "is not empty", tmp_path)  # not built twice over itself
 
 
+# ------------------------------------------------------------------------------------------- config
+
+def test_config_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("ppo: [\n")
+    for args, expected in (([str(tmp_path / "missing.yaml")], "config file not found"),
+                           ([str(bad_yaml)], "is not valid YAML"),
+                           ([TINY, "ppo.learning_rat=1e-4"], "did you mean ppo.learning_rate?"),
+                           ([TINY, "--ppo.clip=-1"], "ppo.clip must be > 0"),
+                           ([TINY, "tasks.3.steps=2"], "tasks.3 is not an existing list item")):
+        refused(["config", *args], capsys, expected, tmp_path)
+
+
 # ----------------------------------------------------------------------- train: what a resume reads
 
 SHORT = ["tasks.0.steps=2", "tasks.1.steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import (
     CPPO_TINY,
+    TINY,
     TWO_PROCESSES,
     error_lines,
     mean_reward,
@@ -288,3 +289,13 @@ def test_without_a_stop_token_responses_run_to_full_length(cppo_cache):
     responses, mask, stopped = generate(policy, prompt_ids, prompt_mask, make_generation_config(
         [eos], 1, do_sample=True, max_new_tokens=6, top_k=0), [eos], 1, 2)
     assert responses.shape == (2, 1) and mask.sum() == 2 and stopped.all()
+
+
+def test_a_cpu_run_starts_without_warnings_of_our_making(tmp_path):
+    """DeepSpeed, installed but not used, is imported by transformers and accelerate; left to guess the device it
+    announces that it fell back to the CPU. A plain run prints the back end line and its result, nothing else."""
+    result = run_cppo("train", TINY, *quick_overrides(tmp_path / "out", steps=1))
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[vowels] step")]
+    printed = result.stdout + result.stderr
+    assert "Setting accelerator" not in printed and "warn" not in printed.lower(), printed
+    assert lines[0].startswith("cppo: backend single") and lines[-1].startswith("done: 1 task(s)"), lines
