@@ -128,3 +128,12 @@ def test_the_public_entry_points_keep_working():
     assert cppo.UserError.__module__ == "cppo.errors" and cppo.load_config.__module__ == "cppo.config_loading"
     config = cppo.load_config(ROOT / "configs" / "ppo_tiny.yaml")
     assert isinstance(config, cppo.Config) and config.tasks[0].reward.function.startswith("cppo.toy:")
+
+
+def test_the_layout_page_has_a_line_for_every_room():
+    page = (ROOT / "docs" / "development" / "layout.md").read_text()
+    tree = page.split("```", 2)[1]
+    listed = set(re.findall(r"^  ([a-z_]+(?:\.py|/))", tree, flags=re.M))
+    rooms = {p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    rooms |= {p.name + "/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert rooms == listed, (sorted(rooms - listed), sorted(listed - rooms))
