@@ -88,6 +88,15 @@ class CPPOTrainer(PPOTrainer):
         stats["time/memory_retrieve_s"] = time.perf_counter() - started
         return stats
 
+    def reads_reference(self) -> bool:
+        # KR on the rollouts anchored to π_{t−1} reads the reference's log-probs when π_{t−1} is the reference.
+        kr_on_reference = (self.config.cppo.kr_source != "memory" and self.config.cppo.kr_anchor == "previous_task"
+                           and self.anchor_policy is None)
+        return super().reads_reference() or kr_on_reference
+
+    def reads_rollout_logprobs(self) -> bool:
+        return True  # ℓ, the rollout statistic of the five types, is π_roll's (docs/algorithm.md §3)
+
     def update_extras(self, micro_batches: int) -> list[tuple[MemoryBatch | None, torch.Tensor] | None]:
         """This process's part of the step's memory batch, split over the micro-batches of an update, each with
         the memory term's denominator (the whole memory batch's, ÷ processes like `loss_denominators`)."""

@@ -28,7 +28,9 @@ _STEP = [
     ("reward/std", "reward", "standard deviation of the raw scores over the global batch"),
     ("reward/score_mean", "reward", "mean score after the reward's clipping, normalisation and missing-EOS penalty"),
     ("reward/shaped_mean", "reward", "mean score less c_kl × the sequence KL: what the KL-shaped rewards add up to"),
-    ("kl/mean", "nats", "mean sequence KL of the rollouts to the KL reference (sum over response tokens)"),
+    ("kl/mean", "nats", "mean sequence KL of the rollouts to the KL reference (sum over response tokens); not "
+                        "logged where no KL is measured before the update (ppo.kl_coef 0, or GRPO's KL as a loss "
+                        "term on one on-policy update: loss/kl measures it)"),
     ("kl/coef", "coefficient", "the KL coefficient c_kl used this step (adaptive with ppo.target_kl)"),
     ("loss/policy", "loss", "the clipped policy loss (α-weighted with CPPO), mean over the step's updates"),
     ("loss/value", "loss", "the clipped value loss (with a critic)"),
@@ -39,7 +41,8 @@ _STEP = [
     ("loss/total", "loss", "the whole minimised loss, coefficients applied"),
     ("policy/clipfrac", "fraction", "share of response tokens where the clipped branch of the policy loss is taken"),
     ("policy/approx_kl", "nats", "k3 estimate of KL(π_roll ‖ π_θ) per token over the updates"),
-    ("policy/entropy", "nats", "mean entropy of the rollout policy per response token"),
+    ("policy/entropy", "nats", "mean entropy of the rollout policy per response token (from the training forward "
+                               "when the rollout's own log-prob pass is skipped)"),
     ("policy/grad_norm", "norm", "total gradient norm before clipping, mean over the updates"),
     ("value/clipfrac", "fraction", "share of response tokens where the value loss takes the clipped branch"),
     ("response/length_mean", "tokens", "mean response length (up to and including the stop token)"),

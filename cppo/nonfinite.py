@@ -25,7 +25,8 @@ class NonFiniteGuard:
     def rollout_fault(self, batch: Rollout, step: int) -> str | None:
         """What in step `step`'s rollout is non-finite (counted over every process, so all agree), or None."""
         real = batch.response_mask.bool()
-        per_token = {"log-probs of the policy": batch.old_logprobs, "log-probs of the reference": batch.ref_logprobs}
+        per_token = {name: x for name, x in (("log-probs of the policy", batch.old_logprobs),
+                                             ("log-probs of the reference", batch.ref_logprobs)) if x is not None}
         if batch.old_values is not None:
             per_token["value estimates of the critic"] = batch.old_values
         if batch.anchor_logprobs is not None:

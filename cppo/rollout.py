@@ -35,8 +35,8 @@ class Rollout(PromptAndResponse):
     response_ids: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R)
     stopped: torch.Tensor  # (B,) bool: the response ends with the stop token
-    old_logprobs: torch.Tensor  # (B, R) log π_roll of each response token
-    ref_logprobs: torch.Tensor  # (B, R) log π_ref of each response token
+    old_logprobs: torch.Tensor | None  # (B, R) log π_roll of each response token (None: the training forward's)
+    ref_logprobs: torch.Tensor | None  # (B, R) log π_ref of each response token (None: nothing reads them)
     old_values: torch.Tensor | None  # (B, R) critic's values at rollout time (None: critic-free, docs/algorithm.md §9)
     entropy: torch.Tensor | None  # (B, R) entropy of π_roll at each response position (None: not computed)
     raw_scores: torch.Tensor  # (B,) reward before clipping, normalisation and KL shaping
@@ -78,7 +78,7 @@ class Sampled(PromptAndResponse):
     response_ids: torch.Tensor  # (B, R) right-padded
     response_mask: torch.Tensor  # (B, R)
     stopped: torch.Tensor  # (B,) bool
-    logprobs: torch.Tensor  # (B, R) at the rollout temperature
+    logprobs: torch.Tensor | None  # (B, R) at the rollout temperature (None: not computed, see PPOTrainer.sample)
     entropy: torch.Tensor | None  # (B, R); None with the vLLM engine's log-probs (`vllm.logprobs: engine`)
     task: torch.Tensor  # (B,) task index of each prompt
     generate_s: float  # seconds spent in generation

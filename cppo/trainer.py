@@ -79,6 +79,10 @@ class PPOTrainer:
             {"do_sample": True, "temperature": gcfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p},
             gcfg.max_new_tokens, "generation.engine")
         self.kl_coef = config.ppo.kl_coef
+        pcfg = config.ppo
+        # What the step computes only when something reads it (compute_plan's docstring).
+        self.kl_used = pcfg.kl_coef > 0 or pcfg.target_kl is not None
+        self.single_update = pcfg.ppo_epochs == 1 and pcfg.mini_batch_size == pcfg.rollout_batch_size
         self.guard = NonFiniteGuard(config.ppo, self.accelerator, self.backend, self.rewards)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self.step_in_stage = 0
@@ -131,7 +135,11 @@ class PPOTrainer:
                     "time/step_s": time.perf_counter() - start, "time/generate_s": generate_s}
         batch.scores = self.process_scores(batch)
         pcfg = self.config.ppo
-        kl = core.kl_penalty(batch.old_logprobs, batch.ref_logprobs, pcfg.kl_estimator)
+        # Without one of the two passes nothing reads the rollout's KL (reads_reference, reads_rollout_logprobs):
+        # it is 0 for the rewards, whose KL coefficient is then 0 too, and not logged.
+        measured = batch.ref_logprobs is not None and batch.old_logprobs is not None
+        kl = core.kl_penalty(batch.old_logprobs, batch.ref_logprobs, pcfg.kl_estimator) if measured else \
+            torch.zeros_like(batch.response_mask, dtype=torch.float32)
         # With GRPO's `kl_in: loss` the KL is a loss term instead of a part of the reward (docs/algorithm.md §9).
         rewards = core.shaped_rewards(batch.scores, kl, batch.response_mask,
                                       self.kl_coef if pcfg.kl_in == "reward" else 0.0)
@@ -147,8 +155,9 @@ class PPOTrainer:
         train_start = time.perf_counter()
         train_stats = self.optimise(batch)
         sequence_kl = (kl * batch.response_mask).sum(-1)
-        stats = self.rollout_stats(batch, sequence_kl)
-        self.update_kl_coef(stats["kl/mean"])
+        stats = self.rollout_stats(batch, sequence_kl, measured)
+        if measured:
+            self.update_kl_coef(stats["kl/mean"])
         end = time.perf_counter()
         stats.update(train_stats)
         stats.update(weight_stats)
@@ -177,11 +186,14 @@ class PPOTrainer:
             model.eval()
             first = acc.process_index * len(indices)  # this process's rows of the global batch
             key = SeedKey.contiguous(self.config.seed, "rollout", self.global_step, first, len(indices))
-            sampled = self.sample(model.policy, indices, key)
+            sampled = self.sample(model.policy, indices, key, logprobs=self.reads_rollout_logprobs())
             input_ids, attention_mask, responses = sampled.input_ids, sampled.attention_mask, sampled.response_ids
             with acc.autocast():
-                with self.reference_policy() as ref:
-                    ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature, chunk)
+                ref_logprobs = None
+                if self.reads_reference():
+                    with self.reference_policy() as ref:
+                        ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature,
+                                                            chunk)
                 old_values = None if model.value_model is None else response_values(
                     model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
                 anchor_logprobs = None
@@ -212,10 +224,12 @@ class PPOTrainer:
             self.engine.release()
         return generated, time.perf_counter() - started
 
-    def sample(self, policy, indices: list[int], key: SeedKey) -> Sampled:
+    def sample(self, policy, indices: list[int], key: SeedKey, logprobs: bool = True) -> Sampled:
         """Responses to the stage's prompts `indices` from `policy` (in eval mode, inside `backend.whole`) with
         the rollout decoding, and their log-probs and entropies under it: our own forward, or the engine's own
-        log-probs where it returned them and `vllm.logprobs: engine` asks for them."""
+        log-probs where it returned them and `vllm.logprobs: engine` asks for them. Without `logprobs` (nothing
+        reads them before the update: `reads_rollout_logprobs`) there is no forward; an engine that returned
+        log-probs of its own still gets them computed (its importance weights and mismatch read them)."""
         pcfg, gcfg, acc = self.config.ppo, self.config.generation, self.accelerator
         prompts = self.stage.prompts
         prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
@@ -226,6 +240,8 @@ class PPOTrainer:
         attention_mask = torch.cat([prompt_mask, generated.response_mask], 1)
         if generated.logprobs is not None and self.config.vllm.logprobs == "engine":
             logprobs, entropy = generated.logprobs, None
+        elif generated.logprobs is None and not logprobs:
+            logprobs = entropy = None  # the training forward's, detached (reads_rollout_logprobs)
         else:
             with acc.autocast():
                 logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, responses,
@@ -317,6 +333,21 @@ class PPOTrainer:
         (None without them). PPO has none."""
         return {}
 
+    def reads_reference(self) -> bool:
+        """Whether the step reads the reference's log-probs; if not, their pass is skipped. PPO reads them for the
+        KL, in the reward or as a loss term, or to adapt its coefficient to a target; with `kl_coef` 0 and no
+        target nothing reads them (the reward and the loss are bit for bit those with the pass)."""
+        return self.kl_used
+
+    def reads_rollout_logprobs(self) -> bool:
+        """Whether anything before the update reads π_roll's log-probs. If not, and the step makes exactly one
+        update on the rollouts just sampled (`ppo_epochs` 1, one mini-batch), they are the training forward's,
+        detached (same weights, same tokens: the ratio is 1 by definition, as in TRL's GRPO), and the rollout's
+        own pass is skipped. PPO reads them before the update for the KL in the reward, or to adapt the KL
+        coefficient to a target; with the KL as a loss term (GRPO's `kl_in: loss`) `loss/kl` measures it."""
+        pcfg = self.config.ppo
+        return not self.single_update or (self.kl_used and pcfg.kl_in == "reward") or pcfg.target_kl is not None
+
     def update_extras(self, micro_batches: int) -> list:
         """What each of an update's `micro_batches` micro-batches carries besides its rollouts, the same for
         every update of the step (CPPO: its share of the rollout memory's entries). PPO: nothing."""
@@ -353,8 +384,9 @@ class PPOTrainer:
                         self.backend.backward(self.model, loss)
                     stats["loss/total"] = loss.detach()
                     for key, value in stats.items():
-                        # loss terms add up over micro-batches to the mini-batch's value; the rest average
-                        share = 1.0 if key.startswith("loss/") else 1.0 / len(micro_batches)
+                        # loss terms (and token sums over the mini-batch) add up over micro-batches to the
+                        # mini-batch's value; the rest average
+                        share = 1.0 if key.startswith("loss/") or key == "policy/entropy" else 1.0 / len(micro_batches)
                         update[key] = update.get(key, 0.0) + value * share
                 grad_norm, fault = self.backend.step_unless(
                     self.model, self.optimizer, pcfg.max_grad_norm, functools.partial(self.guard.update_fault, update))
@@ -413,7 +445,13 @@ class PPOTrainer:
         logits, logprobs = logits[:rows, :width], every_logprob[:rows, :width]
         extra_logprobs = None if more is None else every_logprob[rows:, :more.response_ids.shape[1]]
         mask = mb.response_mask
-        pg, pg_stats = core.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, pcfg.clip,
+        old_logprobs = mb.old_logprobs
+        if old_logprobs is None:  # one update on the rollouts just sampled: π_roll is π_θ (reads_rollout_logprobs)
+            old_logprobs = logprobs.detach()
+            with torch.no_grad():
+                entropy = core.logprobs_and_entropy(logits, mb.response_ids, temperature)[1]
+            stats_entropy = (entropy * mask).sum() / denominators["tokens"]
+        pg, pg_stats = core.policy_loss(logprobs, old_logprobs, mb.advantages, mask, pcfg.clip,
                                         mb.loss_weights["policy"], denominators["policy"], mb.is_weights)
         terms = {"policy": (1.0, pg)}
         stats = {"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}
@@ -422,7 +460,9 @@ class PPOTrainer:
                                            mb.loss_weights["value"], denominators["value"])
             terms["value"] = (pcfg.vf_coef, vf)
             stats["value/clipfrac"] = vf_stats["clipfrac"]
-        if pcfg.kl_in == "loss":  # GRPO's KL term (docs/algorithm.md §9), token mean over the whole mini-batch
+        if mb.old_logprobs is None:
+            stats["policy/entropy"] = stats_entropy
+        if pcfg.kl_in == "loss" and mb.ref_logprobs is not None:  # GRPO's KL term (docs/algorithm.md §9), token mean
             terms["kl"] = (self.kl_coef, core.k3_loss(logprobs, mb.ref_logprobs, mask, denominators["tokens"]))
         terms.update(self.extra_losses(mb, logprobs, denominators, extra, extra_logprobs))
         if self.regularizer is not None:
@@ -469,8 +509,8 @@ class PPOTrainer:
 
     # --------------------------------------------------------------------------------- reporting
 
-    def rollout_stats(self, batch: Rollout, sequence_kl: torch.Tensor) -> dict[str, float]:
-        """Means over the global batch of what the rollout produced."""
+    def rollout_stats(self, batch: Rollout, sequence_kl: torch.Tensor, kl_measured: bool = True) -> dict[str, float]:
+        """Means over the global batch of what the rollout produced (`kl/mean` where the KL was measured)."""
         lengths = batch.response_mask.sum(-1).float()
         columns = {"raw": batch.raw_scores.float(), "score": batch.scores.float(),
                    "shaped": batch.scores.float() - self.kl_coef * sequence_kl, "kl": sequence_kl,
@@ -491,12 +531,13 @@ class PPOTrainer:
             "reward/std": raw.std().item() if raw.numel() > 1 else 0.0,
             "reward/score_mean": every["score"].mean().item(),
             "reward/shaped_mean": every["shaped"].mean().item(),
-            "kl/mean": every["kl"].mean().item(),
             "kl/coef": self.kl_coef,
             "response/length_mean": every["length"].mean().item(),
             "response/stopped_frac": every["stopped"].mean().item(),
             "response/tokens": every["length"].sum().item(),
         }
+        if kl_measured:
+            stats["kl/mean"] = every["kl"].mean().item()
         if "entropy" in every:
             stats["policy/entropy"] = (every["entropy"].sum() / tokens).item()
         if "mismatch_sum" in every:

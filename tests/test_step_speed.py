@@ -114,3 +114,68 @@ def test_step_benchmark_compares_gae_with_the_critic_free_estimators(tmp_path):
         config = next((tmp_path / "work").glob(f"{name}-tiny-gpt2*.yaml")).read_text()
         assert f"advantage: {name.removeprefix('cppo-')}" in config and "num_generations: 4" in config
     assert "| tiny-gpt2 (0.12 M) | cppo-rloo |" in run.stdout
+
+
+# ------------------------------------------------------------------------- only what the step reads
+
+def two_steps(tmp_path, name, overrides, monkeypatch, force=None):
+    """Two steps of a fresh trainer; `force` names hooks made to answer True (the pass they skip is run); returns
+    the stats, the final weights and the number of rollout-time log-prob passes."""
+    import cppo.trainer
+
+    trainer = build_trainer(load_config(CPPO_CONFIG if overrides.get("algo") == "cppo" else ROOT / "configs" /
+                                        "ppo_tiny.yaml", quick_overrides(tmp_path / name, **overrides)))
+    for hook in force or ():
+        monkeypatch.setattr(trainer, hook, lambda: True)
+    passes = []
+    real = cppo.trainer.response_logprobs
+    monkeypatch.setattr(cppo.trainer, "response_logprobs", lambda *a, **k: passes.append(1) or real(*a, **k))
+    stats = [trainer.step() for _ in range(2)]
+    weights = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
+    monkeypatch.undo()
+    return stats, weights, len(passes)
+
+
+CPPO_CONFIG = ROOT / "configs" / "cppo_tiny.yaml"
+SINGLE = {"ppo.mini_batch_size": 8, "ppo.ppo_epochs": 1}  # quick_overrides' 8 rollouts in one update
+
+
+def untimed(stats):
+    return {k: v for k, v in stats.items() if not k.startswith("time/") and k != "tokens_per_s"}
+
+
+def test_without_a_kl_the_reference_pass_is_skipped_and_nothing_else_changes(tmp_path, monkeypatch):
+    settings = {"ppo.kl_coef": 0.0}
+    skipped, weights, passes = two_steps(tmp_path, "skip", settings, monkeypatch)
+    run, run_weights, run_passes = two_steps(tmp_path, "run", settings, monkeypatch, force=["reads_reference"])
+    assert (passes, run_passes) == (2 * 1, 2 * 2)  # per step: π_roll's pass, and the reference's when forced
+    assert torch.equal(weights, run_weights)
+    assert run[1]["kl/mean"] > 0  # the first step's policy is the reference
+    for mine, theirs in zip(skipped, run, strict=True):
+        assert "kl/mean" not in mine
+        assert untimed(mine) == {k: v for k, v in untimed(theirs).items() if k != "kl/mean"}
+
+
+def test_cppo_anchored_to_the_reference_keeps_its_pass(tmp_path, monkeypatch):
+    _, _, passes = two_steps(tmp_path, "cppo", {"algo": "cppo", "ppo.kl_coef": 0.0}, monkeypatch)
+    assert passes == 2 * 2  # π_roll's (ℓ) and the reference's: KR reads the reference's log-probs
+
+
+@pytest.mark.parametrize("kl", ["loss", "none"])
+def test_one_update_on_the_rollouts_takes_their_logprobs_from_the_training_forward(tmp_path, monkeypatch, kl):
+    """On-policy (one epoch, one mini-batch) and nothing reading π_roll before the update: no rollout log-prob
+    pass. On the tiny model in fp32 the pass gives the training forward's log-probs bit for bit, so the weights are
+    identical; the entropy statistic, from another pass, differs in its last bits."""
+    settings = {**SINGLE, **({"ppo.advantage": "grpo", "ppo.kl_in": "loss", "generation.num_generations": 2}
+                             if kl == "loss" else {"ppo.kl_coef": 0.0})}
+    skipped, weights, passes = two_steps(tmp_path, "skip", settings, monkeypatch)
+    run, run_weights, run_passes = two_steps(tmp_path, "run", settings, monkeypatch,
+                                             force=["reads_rollout_logprobs"])
+    reference_passes = 1 if kl == "loss" else 0
+    assert passes == 2 * reference_passes and run_passes == 2 * (1 + reference_passes)
+    assert all(s["policy/clipfrac"] == 0 and s["policy/approx_kl"] == 0 for s in skipped)
+    for mine, theirs in zip(skipped, run, strict=True):
+        for key in ("loss/policy", "reward/mean", *(["loss/value"] if kl == "none" else ["loss/kl"])):
+            assert mine[key] == theirs[key], key
+        assert mine["policy/entropy"] == pytest.approx(theirs["policy/entropy"], abs=1e-5)
+    assert torch.equal(weights, run_weights)
