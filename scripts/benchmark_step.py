@@ -15,6 +15,11 @@ reference, a critic and a reward model all from one checkpoint, 1 epoch of 2 min
          the same with a critic-free estimator (`ppo.advantage`, docs/algorithm.md §9): no critic is built, run or
          trained. Compare them with `cppo` (GAE) at the same `--generations` G (responses per prompt;
          the responses per step and their lengths do not change, so neither does the sampling work).
+  trl-grpo
+         TRL's `GRPOTrainer` (the trl this project installs), the trainer users pick for critic-free RL today:
+         with `--beta B` it and `cppo-grpo` run GRPO alike, one update per generation batch of --batch
+         responses (--generations per prompt), the KL to the reference as a k3 loss term of weight B (B = 0,
+         TRL's default: no KL, no reference), the same reward model, prompts and sampling.
   cppo-vllm
          `cppo` with `generation.engine: vllm`: the rollouts sampled by a colocated vLLM engine, which is
          given the policy's weights before each rollout (phase weight_sync). Needs vLLM (.venv-vllm:
@@ -61,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 TRL_VERSION = "1.12.0"
 ESTIMATORS = ("cppo-rloo", "cppo-grpo", "cppo-reinforce_pp")
-IMPLS = ("cppo", "trl", "floor", "cppo-rloo", "cppo-grpo", "cppo-reinforce_pp", "cppo-vllm")
+IMPLS = ("cppo", "trl", "floor", "cppo-rloo", "cppo-grpo", "cppo-reinforce_pp", "cppo-vllm", "trl-grpo")
 PHASES = ("generate", "weight_sync", "rollout_forward", "train_forward_backward", "optimizer")
 LEARNING_RATE = 1e-5
 BATCH, MINI_BATCH, NEW_TOKENS = 8, 4, 16  # the defaults of --batch and --new-tokens (set by main())
@@ -172,6 +177,9 @@ def cppo_worker(args, phases_for):
                 "steps": 100000, "rollout_batch_size": BATCH, "mini_batch_size": MINI_BATCH, "ppo_epochs": 1,
                 "learning_rate": LEARNING_RATE, "value_learning_rate": LEARNING_RATE, "max_grad_norm": None},
     }
+    if args.beta is not None:  # GRPO as trl-grpo runs it: plain PPO's loop, one update, the KL as a k3 loss term
+        config["algo"] = "ppo"
+        config["ppo"].update({"mini_batch_size": BATCH, "kl_in": "loss", "kl_coef": args.beta})
     path = workdir / f"{args.worker}-{Path(source).name}.yaml"
     path.write_text(yaml.safe_dump(config))
     trainer = build_trainer(load_config(str(path)))
@@ -390,9 +398,80 @@ def trl_worker(args, phases_for, channel):
     return trainer.accelerator.device
 
 
+def trl_grpo_worker(args, phases_for, channel):
+    """TRL's GRPOTrainer.train() is one loop: a callback at the end of each of its steps reports the step and
+    waits for the next command. Every setting that decides the work is set, not left to TRL's defaults."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from cppo.models import load_tokenizer, resolve_model_source
+
+    device = torch.device(args.device)
+    source = resolve_model_source(args.policy, "policy")
+    tokenizer = load_tokenizer(source)
+    _, prompts = benchmark_prompts(tokenizer, source, args.prompt_length, Path(args.workdir))
+    policy, _, _, reward = load_models(source, torch.device("cpu"))  # trl places them
+    dataset = Dataset.from_dict({"prompt": [tokenizer.decode(ids) for ids in prompts.ids] * 1000})
+    config = GRPOConfig(
+        output_dir=str(Path(args.workdir) / "trl-grpo-run"), per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, num_generations=args.generations,
+        max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=args.beta or 0.0,
+        loss_type="grpo", scale_rewards="group", learning_rate=LEARNING_RATE, max_grad_norm=1e9,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to=[], save_strategy="no",
+        logging_steps=10**9, disable_tqdm=True, seed=0, bf16=args.precision == "bf16", fp16=False,
+        gradient_checkpointing=False, use_cpu=device.type == "cpu", use_vllm=False, max_steps=100000,
+        dataloader_num_workers=0, log_completions=False, mask_truncated_completions=False,
+        generation_kwargs={"min_new_tokens": NEW_TOKENS})  # full-length responses, as cppo's (no stop token)
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, reward_processing_classes=tokenizer)
+    phases = phases_for(trainer.accelerator.device)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.generate = phases.wrap("generate", unwrapped.generate)
+    logps = trainer._get_per_token_logps_and_entropies
+
+    def timed_logps(*a, **k):
+        with phases("train_forward_backward" if torch.is_grad_enabled() else "rollout_forward"):
+            return logps(*a, **k)
+
+    trainer._get_per_token_logps_and_entropies = timed_logps
+    trainer._calculate_rewards = phases.wrap("rollout_forward", trainer._calculate_rewards)
+    trainer.accelerator.backward = phases.wrap("train_forward_backward", trainer.accelerator.backward)
+
+    class Done(Exception):
+        pass
+
+    class Report(TrainerCallback):
+        started = 0.0
+
+        def on_optimizer_step(self, *_, **__):
+            phases.seconds["optimizer"] -= time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            phases.seconds["optimizer"] += time.perf_counter()
+            channel.send(step_s=time.perf_counter() - self.started, phases=phases.take(), tokens=BATCH * NEW_TOKENS)
+            if channel.receive() != "step":
+                raise Done
+            phases.take()
+            self.started = time.perf_counter()
+
+    report = Report()
+    trainer.add_callback(report)
+    channel.send(ready=True, device=str(trainer.accelerator.device), optimizer="trl's (AdamW)")
+    if channel.receive() != "step":
+        return trainer.accelerator.device
+    report.started = time.perf_counter()
+    with contextlib.suppress(Done):
+        trainer.train()
+    return trainer.accelerator.device
+
+
 def worker(args) -> None:
     channel = Channel()
-    if args.worker == "trl":
+    if args.worker == "trl-grpo":
+        device = trl_grpo_worker(args, Phases, channel)
+    elif args.worker == "trl":
         device = trl_worker(args, Phases, channel)
     else:
         step, phases, device, info = (cppo_worker if args.worker.startswith("cppo") else floor_worker)(args, Phases)
@@ -413,7 +492,8 @@ class Worker:
         command = [sys.executable, __file__, "--worker", impl, "--policy", policy,
                    "--prompt-length", str(prompt_length), "--workdir", args.workdir, "--device", args.device,
                    "--precision", args.precision, "--generations", str(args.generations),
-                   "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+                   "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
+                   *(["--beta", str(args.beta)] if args.beta is not None else [])]
         self.impl = impl
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                         stderr=None if args.verbose else subprocess.DEVNULL)
@@ -495,7 +575,7 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
                    **{key: ready[impl][key] for key in ("generation_logprob_gap", "engine_build_s")
                       if key in ready[impl]},
                    "device": ready[impl]["device"], "step_s": times[impl], "phases_s": phases[impl]}
-        for other in ("trl", "floor", "cppo"):
+        for other in ("trl", "floor", "cppo", "trl-grpo"):
             if other in workers and other != impl:
                 figures[f"ratio_to_{other}"] = statistics.median(
                     a / b for a, b in zip(times[impl], times[other], strict=True))
@@ -504,15 +584,17 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | implementation | step (median) | vs trl 1.12 | vs floor | vs cppo (GAE) | generate | "
-             "generated tokens/s | weight sync | rollout fwd | train fwd+bwd | optimiser | rest | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | implementation | step (median) | vs trl 1.12 | vs floor | vs cppo (GAE) | vs TRL GRPO | "
+             "generate | generated tokens/s | weight sync | rollout fwd | train fwd+bwd | optimiser | rest | "
+             "peak memory |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model in result["models"].items():
         for impl, f in model["implementations"].items():
             p = f["phases_median_s"]
-            ratio = {k: f"{f[k]:.2f}×" if k in f else "" for k in ("ratio_to_trl", "ratio_to_floor", "ratio_to_cppo")}
+            ratio = {k: f"{f[k]:.2f}×" if k in f else "" for k in ("ratio_to_trl", "ratio_to_floor", "ratio_to_cppo",
+                                                                   "ratio_to_trl-grpo")}
             lines.append(f"| {name} ({model['parameters'] / 1e6:.2f} M) | {impl} | {f['median_step_s']:.3f} s | "
                          f"{ratio['ratio_to_trl']} | {ratio['ratio_to_floor']} | {ratio['ratio_to_cppo']} | "
+                         f"{ratio['ratio_to_trl-grpo']} | "
                          f"{p['generate']:.3f} | {f['generation_tokens_per_s']:.0f} | {p['weight_sync']:.3f} | "
                          f"{p['rollout_forward']:.3f} | {p['train_forward_backward']:.3f} | {p['optimizer']:.3f} | "
                          f"{p['rest']:.3f} | {f['peak_memory_mib']:.0f} MiB |")
@@ -563,6 +645,9 @@ def main() -> None:
                         help="G responses per prompt for cppo's workers (prompts per step: --batch / G)")
     parser.add_argument("--batch", type=int, default=BATCH, help="responses per step (2 mini-batches of half)")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens sampled per response")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="GRPO as trl-grpo runs it, for cppo-grpo and trl-grpo: one update per step, the KL as a "
+                             "k3 loss term of this weight (0: none)")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--verbose", action="store_true", help="show the workers' own output")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -579,7 +664,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if {"cppo-rloo", "cppo-grpo"} & set(args.impls) and args.generations < 2:
+    if {"cppo-rloo", "cppo-grpo", "trl-grpo"} & set(args.impls) and args.generations < 2:
         parser.error(f"--generations must be >= 2 for cppo-rloo and cppo-grpo (their baseline is the prompt's "
                      f"other responses), got {args.generations}")
 
@@ -593,7 +678,8 @@ def main() -> None:
               "precision": args.precision, "rounds": args.rounds, "warmup": args.warmup,
               "workload": {"responses_per_step": BATCH, "generations_per_prompt": args.generations,
                            "new_tokens": NEW_TOKENS, "ppo_epochs": 1,
-                           "mini_batches": BATCH // MINI_BATCH, "models": "policy, reference, critic and reward "
+                           "mini_batches": 1 if args.beta is not None else BATCH // MINI_BATCH,
+                           "grpo_beta": args.beta, "models": "policy, reference, critic and reward "
                            "model from one checkpoint"},
               "models": {}}
     for name in args.models:
