@@ -3,6 +3,7 @@ log-probs of the policy and the reference, the critic's values, and the raw rewa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -130,3 +131,46 @@ def response_values(value_model: nn.Module, input_ids: torch.Tensor, attention_m
     values = [token_scalars(value_model, input_ids[s:s + chunk], attention_mask[s:s + chunk],
                             keep=response_length + 1)[:, :-1] for s in range(0, input_ids.shape[0], chunk)]
     return torch.cat(values)
+
+
+def rollout_stats(batch: Rollout, sequence_kl: torch.Tensor, kl_coef: float, gather_rows: Callable,
+                  kl_measured: bool = True) -> dict[str, float]:
+    """Means over the global batch (`gather_rows`: every process's rows) of what the rollout produced, with the KL
+    coefficient `kl_coef` of its shaping (`kl/mean` where the KL was measured)."""
+    lengths = batch.response_mask.sum(-1).float()
+    columns = {"raw": batch.raw_scores.float(), "score": batch.scores.float(),
+               "shaped": batch.scores.float() - kl_coef * sequence_kl, "kl": sequence_kl,
+               "length": lengths, "stopped": batch.stopped.float()}
+    if batch.entropy is not None:
+        columns["entropy"] = (batch.entropy * batch.response_mask).sum(-1)
+    if batch.engine_logprobs is not None:
+        mismatch = ((batch.old_logprobs - batch.engine_logprobs).abs() * batch.response_mask).float()
+        columns.update(mismatch_sum=mismatch.sum(-1), mismatch_max=mismatch.amax(-1))
+    if batch.is_weights is not None:
+        columns["is_weight"] = batch.is_weights.float().sum(-1)
+    gathered = gather_rows(torch.stack(list(columns.values()), dim=1)).T
+    every = dict(zip(columns, gathered, strict=True))  # each column over the global batch
+    tokens = every["length"].sum().clamp_min(1)
+    raw = every["raw"]
+    stats = {
+        "reward/mean": raw.mean().item(),
+        "reward/std": raw.std().item() if raw.numel() > 1 else 0.0,
+        "reward/score_mean": every["score"].mean().item(),
+        "reward/shaped_mean": every["shaped"].mean().item(),
+        "kl/coef": kl_coef,
+        "response/length_mean": every["length"].mean().item(),
+        "response/stopped_frac": every["stopped"].mean().item(),
+        "response/tokens": every["length"].sum().item(),
+    }
+    if kl_measured:
+        stats["kl/mean"] = every["kl"].mean().item()
+    if "entropy" in every:
+        stats["policy/entropy"] = (every["entropy"].sum() / tokens).item()
+    if "mismatch_sum" in every:
+        # How far the engine's sampling log-probs are from the trainer's (0 with vllm.logprobs: engine, which
+        # uses the engine's own): mean over response tokens and largest, over the global batch.
+        stats.update({"vllm/logprob_diff_mean": (every["mismatch_sum"].sum() / tokens).item(),
+                      "vllm/logprob_diff_max": every["mismatch_max"].max().item()})
+    if "is_weight" in every:
+        stats["vllm/is_weight_mean"] = (every["is_weight"].sum() / tokens).item()
+    return stats

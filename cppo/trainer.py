@@ -27,7 +27,15 @@ from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler
 from .outputs import writing
 from .rewards import RunningMoments, process_scores
-from .rollout import PromptAndResponse, Rollout, Sampled, response_logprobs, response_values, stack_sequences
+from .rollout import (
+    PromptAndResponse,
+    Rollout,
+    Sampled,
+    response_logprobs,
+    response_values,
+    rollout_stats,
+    stack_sequences,
+)
 from .session import Session, Stage
 
 
@@ -155,7 +163,8 @@ class PPOTrainer:
         train_start = time.perf_counter()
         train_stats = self.optimise(batch)
         sequence_kl = (kl * batch.response_mask).sum(-1)
-        stats = self.rollout_stats(batch, sequence_kl, measured)
+        stats = rollout_stats(batch, sequence_kl, self.kl_coef, self.backend.gather_rows, measured)
+        stats.update({k: float(v) for k, v in self.engine_stats.items()})
         if measured:
             self.update_kl_coef(stats["kl/mean"])
         end = time.perf_counter()
@@ -448,8 +457,7 @@ class PPOTrainer:
         old_logprobs = mb.old_logprobs
         if old_logprobs is None:  # one update on the rollouts just sampled: π_roll is π_θ (reads_rollout_logprobs)
             old_logprobs = logprobs.detach()
-            with torch.no_grad():
-                entropy = core.logprobs_and_entropy(logits, mb.response_ids, temperature)[1]
+            entropy = core.logprobs_and_entropy(logits.detach(), mb.response_ids, temperature)[1]
             stats_entropy = (entropy * mask).sum() / denominators["tokens"]
         pg, pg_stats = core.policy_loss(logprobs, old_logprobs, mb.advantages, mask, pcfg.clip,
                                         mb.loss_weights["policy"], denominators["policy"], mb.is_weights)
@@ -508,46 +516,6 @@ class PPOTrainer:
         self.prompt_stream.load_state_dict(stream)
 
     # --------------------------------------------------------------------------------- reporting
-
-    def rollout_stats(self, batch: Rollout, sequence_kl: torch.Tensor, kl_measured: bool = True) -> dict[str, float]:
-        """Means over the global batch of what the rollout produced (`kl/mean` where the KL was measured)."""
-        lengths = batch.response_mask.sum(-1).float()
-        columns = {"raw": batch.raw_scores.float(), "score": batch.scores.float(),
-                   "shaped": batch.scores.float() - self.kl_coef * sequence_kl, "kl": sequence_kl,
-                   "length": lengths, "stopped": batch.stopped.float()}
-        if batch.entropy is not None:
-            columns["entropy"] = (batch.entropy * batch.response_mask).sum(-1)
-        if batch.engine_logprobs is not None:
-            mismatch = ((batch.old_logprobs - batch.engine_logprobs).abs() * batch.response_mask).float()
-            columns.update(mismatch_sum=mismatch.sum(-1), mismatch_max=mismatch.amax(-1))
-        if batch.is_weights is not None:
-            columns["is_weight"] = batch.is_weights.float().sum(-1)
-        gathered = self.backend.gather_rows(torch.stack(list(columns.values()), dim=1)).T
-        every = dict(zip(columns, gathered, strict=True))  # each column over the global batch
-        tokens = every["length"].sum().clamp_min(1)
-        raw = every["raw"]
-        stats = {
-            "reward/mean": raw.mean().item(),
-            "reward/std": raw.std().item() if raw.numel() > 1 else 0.0,
-            "reward/score_mean": every["score"].mean().item(),
-            "reward/shaped_mean": every["shaped"].mean().item(),
-            "kl/coef": self.kl_coef,
-            "response/length_mean": every["length"].mean().item(),
-            "response/stopped_frac": every["stopped"].mean().item(),
-            "response/tokens": every["length"].sum().item(),
-        }
-        if kl_measured:
-            stats["kl/mean"] = every["kl"].mean().item()
-        if "entropy" in every:
-            stats["policy/entropy"] = (every["entropy"].sum() / tokens).item()
-        if "mismatch_sum" in every:
-            # How far the engine's sampling log-probs are from the trainer's (0 with vllm.logprobs: engine, which
-            # uses the engine's own): mean over response tokens and largest, over the global batch.
-            stats.update({"vllm/logprob_diff_mean": (every["mismatch_sum"].sum() / tokens).item(),
-                          "vllm/logprob_diff_max": every["mismatch_max"].max().item()})
-        if "is_weight" in every:
-            stats["vllm/is_weight_mean"] = (every["is_weight"].sum() / tokens).item()
-        return stats | {k: float(v) for k, v in self.engine_stats.items()}
 
     # ------------------------------------------------------------------------------------ saving
 
