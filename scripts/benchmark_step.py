@@ -400,7 +400,8 @@ def trl_worker(args, phases_for, channel):
 
 def trl_grpo_worker(args, phases_for, channel):
     """TRL's GRPOTrainer.train() is one loop: a callback at the end of each of its steps reports the step and
-    waits for the next command. Every setting that decides the work is set, not left to TRL's defaults."""
+    waits for the next command. Every setting that decides the work is set, not left to TRL's defaults. Its
+    optimiser is built inside train(), out of reach of the timing wrappers: its step counts in "rest"."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -445,11 +446,7 @@ def trl_grpo_worker(args, phases_for, channel):
     class Report(TrainerCallback):
         started = 0.0
 
-        def on_optimizer_step(self, *_, **__):
-            phases.seconds["optimizer"] -= time.perf_counter()
-
         def on_step_end(self, *_, **__):
-            phases.seconds["optimizer"] += time.perf_counter()
             channel.send(step_s=time.perf_counter() - self.started, phases=phases.take(), tokens=BATCH * NEW_TOKENS)
             if channel.receive() != "step":
                 raise Done
@@ -616,7 +613,8 @@ def versions() -> dict:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             vllm = f"{distribution} {importlib.metadata.version(distribution)}"
     return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "vllm": vllm, "trl_peer": TRL_VERSION, "cppo_commit": commit}
+            "accelerate": accelerate.__version__, "vllm": vllm, "trl_peer": TRL_VERSION,
+            "trl": importlib.metadata.version("trl"), "cppo_commit": commit}  # trl: trl-grpo's, the project's own
 
 
 def machine(device: str) -> str:
