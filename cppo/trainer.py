@@ -86,9 +86,8 @@ class PPOTrainer:
         self.decoding = self.engine.decoding(
             {"do_sample": True, "temperature": gcfg.temperature, "top_k": gcfg.top_k, "top_p": gcfg.top_p},
             gcfg.max_new_tokens, "generation.engine")
-        self.kl_coef = config.ppo.kl_coef
-        pcfg = config.ppo
-        # What the step computes only when something reads it (compute_plan's docstring).
+        pcfg, self.kl_coef = config.ppo, config.ppo.kl_coef
+        # What decides the passes a step skips (reads_reference, reads_rollout_logprobs).
         self.kl_used = pcfg.kl_coef > 0 or pcfg.target_kl is not None
         self.single_update = pcfg.ppo_epochs == 1 and pcfg.mini_batch_size == pcfg.rollout_batch_size
         self.guard = NonFiniteGuard(config.ppo, self.accelerator, self.backend, self.rewards)
@@ -450,15 +449,16 @@ class PPOTrainer:
             input_ids, attention_mask, response_ids = stack_sequences(mb, more)
         with self.accelerator.autocast():
             logits, values = self.model(input_ids, attention_mask, response_ids.shape[1], value_rows=rows)
-        every_logprob = core.logprobs_from_logits(logits, response_ids, temperature)
+        if mb.old_logprobs is None:  # no π_roll pass: the entropy statistic from this log-softmax (same log-probs)
+            every_logprob, every_entropy = core.logprobs_and_entropy(logits, response_ids, temperature)
+        else:
+            every_logprob = core.logprobs_from_logits(logits, response_ids, temperature)
         logits, logprobs = logits[:rows, :width], every_logprob[:rows, :width]
         extra_logprobs = None if more is None else every_logprob[rows:, :more.response_ids.shape[1]]
         mask = mb.response_mask
         old_logprobs = mb.old_logprobs
         if old_logprobs is None:  # one update on the rollouts just sampled: π_roll is π_θ (reads_rollout_logprobs)
             old_logprobs = logprobs.detach()
-            entropy = core.logprobs_and_entropy(logits.detach(), mb.response_ids, temperature)[1]
-            stats_entropy = (entropy * mask).sum() / denominators["tokens"]
         pg, pg_stats = core.policy_loss(logprobs, old_logprobs, mb.advantages, mask, pcfg.clip,
                                         mb.loss_weights["policy"], denominators["policy"], mb.is_weights)
         terms = {"policy": (1.0, pg)}
@@ -469,7 +469,7 @@ class PPOTrainer:
             terms["value"] = (pcfg.vf_coef, vf)
             stats["value/clipfrac"] = vf_stats["clipfrac"]
         if mb.old_logprobs is None:
-            stats["policy/entropy"] = stats_entropy
+            stats["policy/entropy"] = (every_entropy[:rows, :width].detach() * mask).sum() / denominators["tokens"]
         if pcfg.kl_in == "loss" and mb.ref_logprobs is not None:  # GRPO's KL term (docs/algorithm.md §9), token mean
             terms["kl"] = (self.kl_coef, core.k3_loss(logprobs, mb.ref_logprobs, mask, denominators["tokens"]))
         terms.update(self.extra_losses(mb, logprobs, denominators, extra, extra_logprobs))

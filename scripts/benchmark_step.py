@@ -332,13 +332,39 @@ def floor_worker(args, phases_for):
     return step, phases, device, info
 
 
+def train_step_by_step(trainer, phases: Phases, channel: Channel, optimizer: str):
+    """A transformers Trainer's train() is one loop: a callback at the end of each of its steps reports the step
+    and waits for the coordinator's next command. Returns the device it trained on."""
+    from transformers import TrainerCallback
+
+    class Done(Exception):
+        pass
+
+    class Report(TrainerCallback):
+        started = 0.0
+
+        def on_step_end(self, *_, **__):
+            channel.send(step_s=time.perf_counter() - self.started, phases=phases.take(), tokens=BATCH * NEW_TOKENS)
+            if channel.receive() != "step":
+                raise Done
+            phases.take()
+            self.started = time.perf_counter()
+
+    report = Report()
+    trainer.add_callback(report)
+    channel.send(ready=True, device=str(trainer.accelerator.device), optimizer=optimizer)
+    if channel.receive() == "step":
+        report.started = time.perf_counter()
+        with contextlib.suppress(Done):
+            trainer.train()
+    return trainer.accelerator.device
+
+
 def trl_worker(args, phases_for, channel):
-    """trl's PPOTrainer.train() is one loop: a callback at the end of each of its steps reports the
-    step and waits for the next command."""
+    """trl 1.12's PPOTrainer, driven a step at a time (train_step_by_step)."""
     import torch
     import trl
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_module
 
@@ -374,37 +400,15 @@ def trl_worker(args, phases_for, channel):
     trainer.accelerator.backward = phases.wrap("train_forward_backward", trainer.accelerator.backward)
     trainer.optimizer.step = phases.wrap("optimizer", trainer.optimizer.step)
 
-    class Done(Exception):
-        pass
-
-    class Report(TrainerCallback):
-        started = 0.0
-
-        def on_step_end(self, *_, **__):
-            channel.send(step_s=time.perf_counter() - self.started, phases=phases.take(), tokens=BATCH * NEW_TOKENS)
-            if channel.receive() != "step":
-                raise Done
-            phases.take()
-            self.started = time.perf_counter()
-
-    report = Report()
-    trainer.add_callback(report)
-    channel.send(ready=True, device=str(trainer.accelerator.device), optimizer=optimizer_name(trainer.optimizer))
-    if channel.receive() != "step":
-        return trainer.accelerator.device
-    report.started = time.perf_counter()
-    with contextlib.suppress(Done):
-        trainer.train()
-    return trainer.accelerator.device
+    return train_step_by_step(trainer, phases, channel, optimizer_name(trainer.optimizer))
 
 
 def trl_grpo_worker(args, phases_for, channel):
-    """TRL's GRPOTrainer.train() is one loop: a callback at the end of each of its steps reports the step and
-    waits for the next command. Every setting that decides the work is set, not left to TRL's defaults. Its
-    optimiser is built inside train(), out of reach of the timing wrappers: its step counts in "rest"."""
+    """TRL's GRPOTrainer, driven a step at a time (train_step_by_step). Every setting that decides the work is
+    set, not left to TRL's defaults. Its optimiser is built inside train(), out of reach of the timing wrappers:
+    its step counts in "rest"."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from cppo.models import load_tokenizer, resolve_model_source
@@ -440,28 +444,7 @@ def trl_grpo_worker(args, phases_for, channel):
     trainer._calculate_rewards = phases.wrap("rollout_forward", trainer._calculate_rewards)
     trainer.accelerator.backward = phases.wrap("train_forward_backward", trainer.accelerator.backward)
 
-    class Done(Exception):
-        pass
-
-    class Report(TrainerCallback):
-        started = 0.0
-
-        def on_step_end(self, *_, **__):
-            channel.send(step_s=time.perf_counter() - self.started, phases=phases.take(), tokens=BATCH * NEW_TOKENS)
-            if channel.receive() != "step":
-                raise Done
-            phases.take()
-            self.started = time.perf_counter()
-
-    report = Report()
-    trainer.add_callback(report)
-    channel.send(ready=True, device=str(trainer.accelerator.device), optimizer="trl's (AdamW)")
-    if channel.receive() != "step":
-        return trainer.accelerator.device
-    report.started = time.perf_counter()
-    with contextlib.suppress(Done):
-        trainer.train()
-    return trainer.accelerator.device
+    return train_step_by_step(trainer, phases, channel, "trl's (AdamW)")  # built inside train()
 
 
 def worker(args) -> None:
