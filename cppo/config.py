@@ -301,6 +301,12 @@ class PPOConfig:
     always whitened (its definition); `rloo` and `grpo` never are (their baselines are the group's)."""
     forward_batch_size: int | None = None
     """Sequences per no-grad forward pass at rollout time (log-probs, values); null = the local batch."""
+    share_prompts: bool = True
+    """A prompt that several rows of one forward repeat (the G responses of `generation.num_generations`) goes
+    through each model once, its keys and values reused by every response to it: policy, critic, reference,
+    anchor and the reward model where it reads the policy's tokens, at rollout time and in training (the
+    gradient sums over the responses). Same arithmetic, other rounding: |Δ log π| ≈ 1e-5 in fp32
+    (docs/results/shared_prompts.md). `false`: every row's whole sequence, the exact reference."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite reward, log-prob, value estimate, loss term or gradient norm never reaches the weights:
     `stop` ends the run before the optimiser step, with one line naming the step and the quantity (the

@@ -202,6 +202,7 @@ class Backend:
         """Wrap policy + critic and the optimiser for the back end. The learning-rate schedule stays ours
         (built on the plain optimiser: DeepSpeed's optimiser is not a torch one)."""
         acc, pcfg = self.accelerator, config.ppo
+        model.sharded_weights = self.sharded_weights  # its training forward shares no prompt (ActorCritic)
         if self.deepspeed:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             # cppo feeds the engine its own micro-batches: no dataloader to take the sizes from.
@@ -409,7 +410,7 @@ def _cpu_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
 
     with torch.device("meta"):
         copy = ActorCritic(empty_like(policy, AutoModelForCausalLM), None if value_model is None else
-                           empty_like(value_model, AutoModelForSequenceClassification))
+                           empty_like(value_model, AutoModelForSequenceClassification), model.share_prompts)
     copy.load_state_dict(state, assign=True)
     for new, old in ((copy.policy, policy), (copy.value_model, value_model)):
         if new is None:

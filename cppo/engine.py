@@ -20,6 +20,7 @@ from torch import nn
 
 from .core import response_mask_from_stop
 from .data import left_pad
+from .modules import CACHE_ARGUMENT, position_ids_from_mask, prompt_sharing
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,13 @@ class Engine:
 class HFEngine(Engine):
     """transformers' `generate` on the loaded policy module itself (no copy of its weights), in chunks of
     `batch_size` prompts (None: all at once), under `autocast` (the accelerator's). It samples from torch's
-    generator, not per-response seeds, and returns no log-probs of its own."""
+    generator, not per-response seeds, and returns no log-probs of its own. With `share_prompts`
+    (ppo.share_prompts) a prompt repeated in a chunk is read once: its keys and values fill every copy's cache."""
 
     def __init__(self, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
-                 batch_size: int | None, stop_token_ids: list[int], pad_token_id: int):
+                 batch_size: int | None, stop_token_ids: list[int], pad_token_id: int, share_prompts: bool = False):
         self.device, self.autocast, self.batch_size = device, autocast, batch_size
-        self.stop_token_ids, self.pad_token_id = stop_token_ids, pad_token_id
+        self.stop_token_ids, self.pad_token_id, self.share_prompts = stop_token_ids, pad_token_id, share_prompts
         self.policy: nn.Module | None = None
 
     def load(self, policy: nn.Module) -> None:
@@ -125,7 +127,7 @@ class HFEngine(Engine):
         with self.autocast():
             responses, response_mask, stopped = generate(
                 self.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), config, self.stop_token_ids,
-                self.pad_token_id, self.batch_size or len(prompts))
+                self.pad_token_id, self.batch_size or len(prompts), self.share_prompts)
         return Generated(responses, response_mask, stopped, None)
 
     def release(self) -> None:
@@ -146,18 +148,36 @@ def make_generation_config(stop_token_ids: list[int], pad_token_id: int, **sampl
 
 @torch.no_grad()
 def generate(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config,
-             stop_token_ids: list[int], pad_token_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor]:
+             stop_token_ids: list[int], pad_token_id: int, chunk: int, share_prompts: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample responses with transformers in chunks of `chunk` prompts. Returns (response_ids (B, R) with pad
-    after the stop token, response_mask (B, R), stopped (B,))."""
+    after the stop token, response_mask (B, R), stopped (B,)). `share_prompts`: `shared_prompt_cache`."""
     pieces = []
     for start in range(0, prompt_ids.shape[0], chunk):
         ids, mask = prompt_ids[start:start + chunk], prompt_mask[start:start + chunk]
-        out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+        cache = shared_prompt_cache(policy, ids, mask) if share_prompts else None
+        out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config,
+                              **({} if cache is None else {CACHE_ARGUMENT: cache}))
         pieces.append(out[:, ids.shape[1]:])
     width = max(p.shape[1] for p in pieces)
     responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
     response_mask, stopped = response_mask_from_stop(responses, stop_token_ids)
     responses = responses.masked_fill(response_mask == 0, pad_token_id)
     return responses, response_mask, stopped
+
+
+def shared_prompt_cache(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """Where prompts repeat (G responses to each): the keys and values of every prompt but its last token, each
+    distinct prompt computed once and copied to its rows, for `generate` to go on from (it then reads the last
+    token of each row, and samples). None where no prompt repeats."""
+    sharing = prompt_sharing(prompt_ids, prompt_mask, prompt_ids.shape[1])
+    if sharing is None or prompt_ids.shape[1] < 2:
+        return None
+    first, owner = sharing
+    mask = prompt_mask[first, :-1]
+    out = policy(input_ids=prompt_ids[first, :-1], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                 use_cache=True, logits_to_keep=1)
+    cache = getattr(out, CACHE_ARGUMENT)
+    cache.batch_select_indices(owner)
+    return cache
 

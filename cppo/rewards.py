@@ -1,4 +1,5 @@
-"""Reward sources behind one interface: `reward(prompts, completions, input_ids, attention_mask) -> (B,)`.
+"""Reward sources behind one interface: `reward(prompts, completions, input_ids, attention_mask[, prompt_width])
+-> (B,)` (`prompt_width`: the prompt columns of `input_ids`, where they are known).
 
 Either a sequence-classification reward model (its first logit, as its own `forward` computes it) or a Python
 callable `f(prompts, completions) -> list[float]`. Both return raw scores; clipping, normalisation
@@ -20,7 +21,7 @@ import torch
 from .config import RewardConfig
 from .errors import UserError, exception_line
 from .models import is_causal_type, load_frozen, load_tokenizer, resolve_model_source, same_tokenizer
-from .modules import position_ids_from_mask
+from .modules import backbone_of, position_ids_from_mask, response_forward, scalar_head
 
 
 def import_reward_function(spec: str) -> Callable:
@@ -55,7 +56,7 @@ class CallableReward:
         self.function = import_reward_function(spec)
 
     def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
+                 attention_mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
         try:
             values = self.function(list(prompts), list(completions))
         except Exception as e:  # the user's code: a failing scorer server, a bug
@@ -89,10 +90,18 @@ class ModelReward:
     the left to its context length, so that the end of the response is always scored.
     """
 
-    def __init__(self, model, tokenizer, policy_tokenizer, batch_size: int, source: str = "(in memory)"):
+    def __init__(self, model, tokenizer, policy_tokenizer, batch_size: int, source: str = "(in memory)",
+                 share_prompts: bool = False):
         self.model, self.tokenizer, self.batch_size, self.source = model, tokenizer, batch_size, source
         config = model.config
         self.reads_policy_ids = is_causal_type(config.model_type) and same_tokenizer(tokenizer, policy_tokenizer)
+        # ppo.share_prompts: a repeated prompt through the decoder once, for the models whose pooling (the
+        # rightmost token that is not the pad token) `pooled_scores` computes as their own forward does.
+        from transformers.modeling_layers import GenericForSequenceClassification
+
+        self.share_prompts = (share_prompts and self.reads_policy_ids
+                              and isinstance(model, GenericForSequenceClassification)
+                              and config.get_text_config().pad_token_id is not None)
         self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         limits = [n for n in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length)
                   if isinstance(n, int) and 0 < n < 1_000_000]
@@ -101,8 +110,12 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
+                 attention_mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
         device = next(self.model.parameters()).device
+        if self.share_prompts and prompt_width is not None:
+            return torch.cat([self.pooled_scores(input_ids[s:s + self.batch_size].to(device),
+                                                 attention_mask[s:s + self.batch_size].to(device), prompt_width)
+                              for s in range(0, len(completions), self.batch_size)]).cpu()
         if self.reads_policy_ids:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if self.takes_position_ids:
@@ -116,6 +129,20 @@ class ModelReward:
             chunk = {k: v[start:start + self.batch_size].to(device) for k, v in inputs.items()}
             scores.append(self.model(**chunk).logits[:, 0].float())
         return torch.cat(scores).cpu()
+
+    def pooled_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """The model's first logit as its own forward pools it (at the rightmost token that is not the pad token),
+        each distinct prompt through the decoder once (`response_forward`). (B,) float32."""
+        response_length = input_ids.shape[1] - prompt_width
+        non_pad = (input_ids != self.model.config.get_text_config().pad_token_id).int()
+        pooled = (torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.int32) * non_pad).argmax(-1)
+        if bool((pooled < prompt_width - 1).any()):  # a pad token ends a prompt: the positions below do not hold it
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask)).logits[:, 0].float()
+        hidden = response_forward(backbone_of(self.model), input_ids, attention_mask, response_length, True,
+                                  causal_lm=False, through_last=True)  # positions prompt_width - 1 onwards
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), pooled - (prompt_width - 1)]
+        return scalar_head(self.model)(picked)[:, 0].float()
 
     def __str__(self) -> str:
         return f"reward model {self.source}"
@@ -170,8 +197,9 @@ class RewardBank:
     """Reward sources built once per run and shared by every task and the evaluation (a reward model
     that several tasks or the evaluation use is loaded once)."""
 
-    def __init__(self, policy_tokenizer, model_cfg, device):
+    def __init__(self, policy_tokenizer, model_cfg, device, share_prompts: bool = False):
         self.policy_tokenizer, self.model_cfg, self.device = policy_tokenizer, model_cfg, device
+        self.share_prompts = share_prompts  # ppo.share_prompts
         self._sources: dict[tuple, object] = {}
 
     def get(self, cfg: RewardConfig):
@@ -187,4 +215,4 @@ class RewardBank:
         tokenizer = load_tokenizer(source, self.model_cfg.trust_remote_code)
         model = load_frozen("AutoModelForSequenceClassification", source, self.model_cfg, tokenizer.pad_token_id,
                             num_labels=1).to(self.device)
-        return ModelReward(model, tokenizer, self.policy_tokenizer, cfg.batch_size, cfg.model)
+        return ModelReward(model, tokenizer, self.policy_tokenizer, cfg.batch_size, cfg.model, self.share_prompts)

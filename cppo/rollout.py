@@ -108,13 +108,15 @@ def stack_sequences(*parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def response_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_ids: torch.Tensor, temperature: float, chunk: int,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(response token) for every response position, in chunks: (B, R) [and entropy (B, R)]."""
+                      with_entropy: bool = False, share_prompts: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(response token) for every response position, in chunks of `chunk` rows: (B, R) [and entropy (B, R)];
+    `share_prompts`: a prompt repeated within a chunk goes through the policy once (`response_forward`)."""
     response_length = response_ids.shape[1]
     logprobs, entropies = [], []
     for start in range(0, input_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = policy_response_logits(policy, input_ids[rows], attention_mask[rows], response_length)
+        logits = policy_response_logits(policy, input_ids[rows], attention_mask[rows], response_length, share_prompts)
         if with_entropy:
             logprob, entropy = logprobs_and_entropy(logits, response_ids[rows], temperature)
             entropies.append(entropy)
@@ -126,10 +128,10 @@ def response_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask
 
 @torch.no_grad()
 def response_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    response_length: int, chunk: int) -> torch.Tensor:
+                    response_length: int, chunk: int, share_prompts: bool = False) -> torch.Tensor:
     """The critic's value before each response token: (B, R)."""
-    values = [token_scalars(value_model, input_ids[s:s + chunk], attention_mask[s:s + chunk],
-                            keep=response_length + 1)[:, :-1] for s in range(0, input_ids.shape[0], chunk)]
+    values = [token_scalars(value_model, input_ids[s:s + chunk], attention_mask[s:s + chunk], response_length,
+                            share_prompts) for s in range(0, input_ids.shape[0], chunk)]
     return torch.cat(values)
 
 

@@ -92,7 +92,7 @@ class Session:
             else:  # rollouts in chunks of generation.batch_size; evaluation in its own chunks (eval.batch_size)
                 built = HFEngine(acc.device, acc.autocast,
                                  config.generation.batch_size if purpose == "generation" else None,
-                                 self.stop_token_ids, self.tokenizer.pad_token_id)
+                                 self.stop_token_ids, self.tokenizer.pad_token_id, config.ppo.share_prompts)
             self.engines[purpose] = built
         return self.engines[purpose]
 
@@ -152,7 +152,7 @@ def open_session(config: Config, output: OutputDir | None = None) -> Session:
     output.is_main_process = accelerator.is_main_process
     session = Session(config=config, accelerator=accelerator, tracker=Tracker(accelerator, config, output),
                       tokenizer=tokenizer, initial_policy=initial,
-                      rewards=RewardBank(tokenizer, mcfg, accelerator.device),
+                      rewards=RewardBank(tokenizer, mcfg, accelerator.device, config.ppo.share_prompts),
                       stop_token_ids=_stop_token_ids(config, tokenizer, initial), output=output, backend=backend)
     announce_backend(session)
     return session

@@ -76,7 +76,7 @@ class PPOTrainer:
         self.anchor_policy = None if stage.anchor is None else self.backend.place_frozen(load_frozen(
             "AutoModelForCausalLM", stage.anchor, mcfg, pad))
         value_model = None if stage.value_model is None else load_value_model(stage.value_model, mcfg, pad)
-        model = ActorCritic(policy, value_model)
+        model = ActorCritic(policy, value_model, config.ppo.share_prompts)
         optimizer = build_optimizer(model, config.ppo)
         self.scheduler = build_scheduler(optimizer, config.ppo, stage.steps)
         self.model, self.optimizer = self.backend.prepare(model, optimizer, config)
@@ -188,7 +188,7 @@ class PPOTrainer:
         prompts = self.prompt_stream.next_indices(pcfg.rollout_batch_size // group, acc.process_index,
                                                   acc.num_processes)
         indices = [i for i in prompts for _ in range(group)]
-        chunk = pcfg.forward_batch_size or len(indices)
+        chunk, share = pcfg.forward_batch_size or len(indices), pcfg.share_prompts
         temperature = gcfg.temperature
         with self.backend.whole(self.model) as model:
             model.eval()
@@ -201,13 +201,13 @@ class PPOTrainer:
                 if self.reads_reference():
                     with self.reference_policy() as ref:
                         ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature,
-                                                            chunk)
+                                                            chunk, share_prompts=share)
                 old_values = None if model.value_model is None else response_values(
-                    model.value_model, input_ids, attention_mask, responses.shape[1], chunk)
+                    model.value_model, input_ids, attention_mask, responses.shape[1], chunk, share)
                 anchor_logprobs = None
                 if self.anchor_policy is not None:
                     anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
-                                                           temperature, chunk)
+                                                           temperature, chunk, share_prompts=share)
             model.train()
         batch = Rollout(prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=responses,
                         response_mask=sampled.response_mask, stopped=sampled.stopped,
@@ -254,7 +254,7 @@ class PPOTrainer:
             with acc.autocast():
                 logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, responses,
                                                       gcfg.temperature, pcfg.forward_batch_size or len(indices),
-                                                      with_entropy=True)
+                                                      with_entropy=True, share_prompts=pcfg.share_prompts)
         task = torch.tensor([prompts.task[i] for i in indices], device=self.device)
         return Sampled(prompt_ids, prompt_mask, responses, generated.response_mask, generated.stopped, logprobs,
                        entropy, task, generate_s, generated.logprobs, generated.stats)
@@ -271,8 +271,8 @@ class PPOTrainer:
                 rows = (sampled.task == j).nonzero().flatten()
                 picked = rows.tolist()
                 raw_scores[rows] = self.rewards[j]([texts[i] for i in picked], [completions[i] for i in picked],
-                                                   sampled.input_ids[rows], sampled.attention_mask[rows]
-                                                   ).to(self.device)
+                                                   sampled.input_ids[rows], sampled.attention_mask[rows],
+                                                   sampled.prompt_ids.shape[1]).to(self.device)
         except UserError as e:  # the user's reward code failed on this process's share
             failure = e
         self.session.fail_together(failure)

@@ -116,7 +116,9 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
     assert all(torch.equal(policy[k], v) for k, v in weights(straight, "policy").items())
 
 
-CRITIC_FREE = ["ppo.advantage=grpo", "generation.num_generations=2", "ppo.kl_in=loss"]
+# Every row's whole sequence (ppo.share_prompts: false): ZeRO-3 and FSDP2 train on whole sequences in any case, and
+# DDP's shared prompts would round otherwise (test_shared_prompts_under_a_sharded_back_end).
+CRITIC_FREE = ["ppo.advantage=grpo", "generation.num_generations=2", "ppo.kl_in=loss", "ppo.share_prompts=false"]
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,20 @@ def test_a_critic_free_run_matches_ddp_without_any_value_model(backend, ddp_crit
     assert largest_difference(weights(out, "policy"), weights(ddp_critic_free_run, "policy")) <= WEIGHT_TOLERANCE
     for run in (out, ddp_critic_free_run):
         assert not (run / "task_2_digits" / "value_model").exists()
+
+
+@pytest.mark.parametrize("backend", SHARDED_RUNS)
+def test_shared_prompts_under_a_sharded_back_end(backend, ddp_critic_free_run, tmp_path):
+    """With ppo.share_prompts the generation and the rollout passes share each prompt on every back end; ZeRO-3 and
+    FSDP2 then train on whole sequences (a shared prompt's backward would need weights they have let go): the run
+    completes and its first update is that of whole sequences, up to the rollout passes' rounding."""
+    out = tmp_path / "out"
+    result = launch(backend, out, *CRITIC_FREE[:-1], "ppo.share_prompts=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = metrics(out), metrics(ddp_critic_free_run)
+    assert ours[0]["reward/mean"] == theirs[0]["reward/mean"]
+    for key in ("loss/policy", "loss/kl", "policy/grad_norm"):
+        assert ours[0][key] == pytest.approx(theirs[0][key], rel=1e-4, abs=1e-6), key
 
 
 LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "model.value_lora_r=4",

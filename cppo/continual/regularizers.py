@@ -183,7 +183,7 @@ class LwF(Regularizer):
         t = self.temperature
         with torch.no_grad(), trainer.previous_policy() as previous:
             previous_logits = policy_response_logits(previous, mb.input_ids, mb.attention_mask,
-                                                     mb.response_ids.shape[1])
+                                                     mb.response_ids.shape[1], trainer.config.ppo.share_prompts)
         previous_logp = (previous_logits.float() / t).log_softmax(-1)
         current_logp = (logits.float() / t).log_softmax(-1)
         kl = (previous_logp.exp() * (previous_logp - current_logp)).sum(-1) * t * t
