@@ -589,6 +589,10 @@ def versions() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
+        # A tree with uncommitted changes to the project's code is not that commit.
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "cppo", "scripts"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        commit += "+uncommitted" if changed else ""
     except (OSError, subprocess.CalledProcessError):
         commit = None
     vllm = None
