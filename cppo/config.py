@@ -307,6 +307,13 @@ class PPOConfig:
     anchor and the reward model where it reads the policy's tokens, at rollout time and in training (the
     gradient sums over the responses). Same arithmetic, other rounding: |Δ log π| ≈ 1e-5 in fp32
     (docs/results/shared_prompts.md). `false`: every row's whole sequence, the exact reference."""
+    logprob_chunk_size: int | None = 1024
+    """Response positions whose logits over the vocabulary are held at once when computing log-probs and
+    entropies, in training and at rollout time: the output layer runs on `logprob_chunk_size` hidden states at a
+    time, forward and backward, so no (rows × positions × vocabulary) tensor is ever held (a 152k vocabulary at
+    512 rows × 256 positions is 80 GB of float32 logits). For the families whose logits are the plain output
+    layer (cppo.modules.PLAIN_OUTPUT_LAYER), except where the logits themselves are read (continual.regularizer
+    lwf) and in ZeRO-3 / FSDP2 training; null: the model's own logits, all at once (docs/results/memory.md)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite reward, log-prob, value estimate, loss term or gradient norm never reaches the weights:
     `stop` ends the run before the optimiser step, with one line naming the step and the quantity (the
@@ -336,6 +343,8 @@ class PPOConfig:
         _check(self.kl_horizon > 0, "ppo.kl_horizon", self.kl_horizon, "> 0")
         _check(self.forward_batch_size is None or self.forward_batch_size > 0, "ppo.forward_batch_size",
                self.forward_batch_size, "> 0 or null")
+        _check(self.logprob_chunk_size is None or self.logprob_chunk_size > 0, "ppo.logprob_chunk_size",
+               self.logprob_chunk_size, "> 0 or null")
         _check(self.max_nonfinite_skips >= 0, "ppo.max_nonfinite_skips", self.max_nonfinite_skips, ">= 0")
         _check(self.rollout_batch_size % self.mini_batch_size == 0, "ppo.rollout_batch_size",
                self.rollout_batch_size, f"a multiple of ppo.mini_batch_size ({self.mini_batch_size})")

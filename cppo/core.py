@@ -74,6 +74,54 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
     return logprobs, entropy
 
 
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """log softmax(h·Wᵀ / t) at `tokens` and the entropy, `chunk` rows at a time, forward and backward: never more
+    than (chunk, V) logits at once. The entropy carries no gradient (a statistic)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature: float, chunk: int):
+        logprobs, entropies = [], []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = _scaled(hidden[start:start + chunk] @ weight.T, temperature)
+            logprob, entropy = logprobs_and_entropy(logits, tokens[start:start + chunk])
+            logprobs.append(logprob)
+            entropies.append(entropy)
+        ctx.save_for_backward(hidden, weight, tokens)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return torch.cat(logprobs), torch.cat(entropies)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, tokens = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h = hidden[rows]
+            logits = _scaled(h @ weight.T, ctx.temperature)
+            # d log p(y) / d z = onehot(y) − softmax(z), through z = h·Wᵀ / t
+            grad_logits = -torch.softmax(logits, -1)
+            grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), torch.ones_like(grad_logits[:, :1]))
+            grad_logits *= grad_logprobs[rows].float().unsqueeze(-1) / ctx.temperature
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h.float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+
+
+def head_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                              chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_and_entropy` of the logits h·Wᵀ of an output layer without bias, computed `chunk` (row, position)
+    pairs at a time: hidden (B, T, H), weight (V, H), tokens (B, T) -> (B, T), (B, T) float32. The (B, T, V)
+    logits are never held, nor their gradient (the backward recomputes each chunk's)."""
+    rows, positions = tokens.shape
+    logprobs, entropy = _ChunkedHeadLogprobs.apply(hidden.reshape(rows * positions, -1), weight,
+                                                   tokens.reshape(-1), temperature, chunk)
+    return logprobs.view(rows, positions), entropy.view(rows, positions).detach()
+
+
 def response_mask_from_stop(responses: torch.Tensor,
                             stop_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of each response up to and including its first stop token (any of `stop_token_ids`), and

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from . import core
 from .errors import UserError
 
 # The keys and values a forward takes and returns: `cache` in recent transformers, `past_key_values` before.
@@ -93,8 +94,50 @@ def activation_checkpointing(model: nn.Module) -> bool:
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The decoder without its head, of a sequence-classification model (inside peft's wrapper where LoRA is on)."""
+    """The decoder without its head, of a causal LM or a sequence-classification model (inside peft's wrapper
+    where LoRA is on)."""
     return (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
+
+
+# Families whose causal LM's logits are exactly its output layer applied to the decoder's last hidden state (no
+# soft-capping, scaling or bias): their log-probs can be computed from the hidden states a chunk at a time.
+PLAIN_OUTPUT_LAYER = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"})
+
+
+def plain_output_weight(policy: nn.Module) -> torch.Tensor | None:
+    """The weight (V, H) of the policy's output layer where its logits are hidden · Wᵀ and nothing more (a family
+    of PLAIN_OUTPUT_LAYER, a bias-free nn.Linear head without LoRA), else None."""
+    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if model.config.model_type not in PLAIN_OUTPUT_LAYER or type(head) is not nn.Linear or head.bias is not None:
+        return None
+    return head.weight
+
+
+def response_logprobs_and_entropy(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  response_ids: torch.Tensor, temperature: float, share_prompts: bool = False,
+                                  chunk: int | None = None, entropy: bool = True, logits: bool = False
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log π(response token) (B, R), the entropy of π at each response position (B, R; None without `entropy`)
+    and, with `logits`, the logits (B, R, V) themselves.
+
+    With `chunk` (ppo.logprob_chunk_size) and an output layer that `plain_output_weight` finds, and no `logits`
+    asked for, the log-probs come from the decoder's hidden states `chunk` positions at a time
+    (core.head_logprobs_and_entropy): no (B, R, V) tensor is ever held, forward or backward. Otherwise from the
+    model's own logits (core.logprobs_and_entropy)."""
+    response_length = response_ids.shape[1]
+    weight = None if chunk is None or logits else plain_output_weight(policy)
+    if weight is not None:
+        hidden = response_forward(backbone_of(policy), input_ids, attention_mask, response_length, share_prompts,
+                                  causal_lm=False)
+        logprobs, every_entropy = core.head_logprobs_and_entropy(hidden, weight, response_ids, temperature, chunk)
+        return logprobs, every_entropy if entropy else None, None
+    every_logit = policy_response_logits(policy, input_ids, attention_mask, response_length, share_prompts)
+    if entropy:
+        logprobs, every_entropy = core.logprobs_and_entropy(every_logit, response_ids, temperature)
+    else:
+        logprobs, every_entropy = core.logprobs_from_logits(every_logit, response_ids, temperature), None
+    return logprobs, every_entropy, every_logit if logits else None
 
 
 def token_scalars(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
@@ -110,34 +153,43 @@ class ActorCritic(nn.Module):
     (DDP, DeepSpeed and FSDP each wrap a single module). `value_model` is None for the critic-free
     estimators (docs/algorithm.md §9): the module is then the policy alone."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None, share_prompts: bool = False):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, share_prompts: bool = False,
+                 logprob_chunk_size: int | None = None):
         super().__init__()
+        self.logprob_chunk_size = logprob_chunk_size  # ppo.logprob_chunk_size
         self.policy = policy
         self.value_model = value_model
         self.share_prompts = share_prompts  # ppo.share_prompts: a repeated prompt goes through each model once
         # Set by a back end that gathers the weights at each call (ZeRO-3, FSDP2; Backend.prepare): the training
         # forward then reads every row's whole sequence, since the backward of a shared prompt's keys and values
-        # would need weights that such a back end has already let go.
+        # would need weights that such a back end has already let go, and takes the logits from the output layer.
         self.sharded_weights = False
         # The decoder-layer classes, which FSDP shards as units (accelerate reads this name).
         self._no_split_modules = list(dict.fromkeys(
             name for model in (policy, value_model) if model is not None
             for name in (getattr(model, "_no_split_modules", None) or [])))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
-                value_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits predicting each response token and the critic's value before it (None without a critic).
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                temperature: float, value_rows: int | None = None, entropy: bool = True, logits: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """log π of each response token, the entropy at each response position, the logits (with `logits`) and the
+        critic's value before each response token (None without a critic).
 
-        input_ids: (B, P + R) prompt then response -> logits (B, R, V), values (value_rows or B, R). Rows past
-        `value_rows` (rollout memory entries) need no value: the critic skips them.
+        input_ids: (B, P + R) prompt then response, response_ids (B, R) -> log-probs (B, R), entropy (B, R),
+        logits (B, R, V), values (value_rows or B, R). Rows past `value_rows` (rollout memory entries) need no
+        value: the critic skips them. Under sharded weights the training forward neither shares prompts nor
+        computes log-probs in chunks (both would read weights outside their layers' calls).
         """
-        share = self.share_prompts and not (self.sharded_weights and torch.is_grad_enabled())
-        logits = policy_response_logits(self.policy, input_ids, attention_mask, response_length, share)
+        training_sharded = self.sharded_weights and torch.is_grad_enabled()
+        share = self.share_prompts and not training_sharded
+        logprobs, every_entropy, every_logit = response_logprobs_and_entropy(
+            self.policy, input_ids, attention_mask, response_ids, temperature, share,
+            None if training_sharded else self.logprob_chunk_size, entropy, logits)
         if self.value_model is None:
-            return logits, None
+            return logprobs, every_entropy, every_logit, None
         rows = slice(None) if value_rows is None else slice(0, value_rows)
-        values = token_scalars(self.value_model, input_ids[rows], attention_mask[rows], response_length, share)
-        return logits, values
+        values = token_scalars(self.value_model, input_ids[rows], attention_mask[rows], response_ids.shape[1], share)
+        return logprobs, every_entropy, every_logit, values
 
 
 def policy_response_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from .core import logprobs_and_entropy, logprobs_from_logits
-from .modules import policy_response_logits, token_scalars
+from .modules import response_logprobs_and_entropy, token_scalars
 
 
 class PromptAndResponse:
@@ -108,21 +107,19 @@ def stack_sequences(*parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def response_logprobs(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_ids: torch.Tensor, temperature: float, chunk: int,
-                      with_entropy: bool = False, share_prompts: bool = False
+                      with_entropy: bool = False, share_prompts: bool = False, vocab_chunk: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(response token) for every response position, in chunks of `chunk` rows: (B, R) [and entropy (B, R)];
-    `share_prompts`: a prompt repeated within a chunk goes through the policy once (`response_forward`)."""
-    response_length = response_ids.shape[1]
+    `share_prompts`: a prompt repeated within a chunk goes through the policy once (`response_forward`);
+    `vocab_chunk`: ppo.logprob_chunk_size (`response_logprobs_and_entropy`)."""
     logprobs, entropies = [], []
     for start in range(0, input_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = policy_response_logits(policy, input_ids[rows], attention_mask[rows], response_length, share_prompts)
-        if with_entropy:
-            logprob, entropy = logprobs_and_entropy(logits, response_ids[rows], temperature)
-            entropies.append(entropy)
-        else:
-            logprob = logprobs_from_logits(logits, response_ids[rows], temperature)
+        logprob, entropy, _ = response_logprobs_and_entropy(policy, input_ids[rows], attention_mask[rows],
+                                                            response_ids[rows], temperature, share_prompts,
+                                                            vocab_chunk, with_entropy)
         logprobs.append(logprob)
+        entropies.append(entropy)
     return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
 
 

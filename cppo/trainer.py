@@ -76,7 +76,7 @@ class PPOTrainer:
         self.anchor_policy = None if stage.anchor is None else self.backend.place_frozen(load_frozen(
             "AutoModelForCausalLM", stage.anchor, mcfg, pad))
         value_model = None if stage.value_model is None else load_value_model(stage.value_model, mcfg, pad)
-        model = ActorCritic(policy, value_model, config.ppo.share_prompts)
+        model = ActorCritic(policy, value_model, config.ppo.share_prompts, config.ppo.logprob_chunk_size)
         optimizer = build_optimizer(model, config.ppo)
         self.scheduler = build_scheduler(optimizer, config.ppo, stage.steps)
         self.model, self.optimizer = self.backend.prepare(model, optimizer, config)
@@ -188,7 +188,7 @@ class PPOTrainer:
         prompts = self.prompt_stream.next_indices(pcfg.rollout_batch_size // group, acc.process_index,
                                                   acc.num_processes)
         indices = [i for i in prompts for _ in range(group)]
-        chunk, share = pcfg.forward_batch_size or len(indices), pcfg.share_prompts
+        chunk, share, vocab = pcfg.forward_batch_size or len(indices), pcfg.share_prompts, pcfg.logprob_chunk_size
         temperature = gcfg.temperature
         with self.backend.whole(self.model) as model:
             model.eval()
@@ -201,13 +201,14 @@ class PPOTrainer:
                 if self.reads_reference():
                     with self.reference_policy() as ref:
                         ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature,
-                                                            chunk, share_prompts=share)
+                                                            chunk, share_prompts=share, vocab_chunk=vocab)
                 old_values = None if model.value_model is None else response_values(
                     model.value_model, input_ids, attention_mask, responses.shape[1], chunk, share)
                 anchor_logprobs = None
                 if self.anchor_policy is not None:
                     anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
-                                                           temperature, chunk, share_prompts=share)
+                                                           temperature, chunk, share_prompts=share,
+                                                           vocab_chunk=vocab)
             model.train()
         batch = Rollout(prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=responses,
                         response_mask=sampled.response_mask, stopped=sampled.stopped,
@@ -254,7 +255,8 @@ class PPOTrainer:
             with acc.autocast():
                 logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, responses,
                                                       gcfg.temperature, pcfg.forward_batch_size or len(indices),
-                                                      with_entropy=True, share_prompts=pcfg.share_prompts)
+                                                      with_entropy=True, share_prompts=pcfg.share_prompts,
+                                                      vocab_chunk=pcfg.logprob_chunk_size)
         task = torch.tensor([prompts.task[i] for i in indices], device=self.device)
         return Sampled(prompt_ids, prompt_mask, responses, generated.response_mask, generated.stopped, logprobs,
                        entropy, task, generate_s, generated.logprobs, generated.stats)
@@ -447,13 +449,11 @@ class PPOTrainer:
             input_ids, attention_mask, response_ids = mb.input_ids, mb.attention_mask, mb.response_ids
         else:
             input_ids, attention_mask, response_ids = stack_sequences(mb, more)
-        with self.accelerator.autocast():
-            logits, values = self.model(input_ids, attention_mask, response_ids.shape[1], value_rows=rows)
-        if mb.old_logprobs is None:  # no π_roll pass: the entropy statistic from this log-softmax (same log-probs)
-            every_logprob, every_entropy = core.logprobs_and_entropy(logits, response_ids, temperature)
-        else:
-            every_logprob = core.logprobs_from_logits(logits, response_ids, temperature)
-        logits, logprobs = logits[:rows, :width], every_logprob[:rows, :width]
+        with self.accelerator.autocast():  # without a π_roll pass the entropy statistic is this forward's
+            every_logprob, every_entropy, logits, values = self.model(
+                input_ids, attention_mask, response_ids, temperature, value_rows=rows, entropy=mb.old_logprobs is None,
+                logits=self.regularizer is not None and self.regularizer.reads_logits)
+        logits, logprobs = None if logits is None else logits[:rows, :width], every_logprob[:rows, :width]
         extra_logprobs = None if more is None else every_logprob[rows:, :more.response_ids.shape[1]]
         mask = mb.response_mask
         old_logprobs = mb.old_logprobs

@@ -314,7 +314,7 @@ def test_lwf_is_zero_at_the_previous_policy_and_pulls_back(tmp_path):
     mask = batch.response_mask
 
     def penalty():
-        logits, _ = trainer.model(batch.input_ids, batch.attention_mask, batch.response_ids.shape[1])
+        *_, logits, _ = trainer.model(batch.input_ids, batch.attention_mask, batch.response_ids, 1.0, logits=True)
         return trainer.regularizer.penalty(trainer, batch, logits, mask.sum().float(), True)
 
     check_points_back(trainer, penalty)

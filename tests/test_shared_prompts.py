@@ -215,7 +215,7 @@ def test_under_sharded_weights_the_training_forward_reads_whole_sequences():
     model = ActorCritic(llama("causal"), None, share_prompts=True)
     counts = counting_tokens(model.policy)
     model.sharded_weights = True
-    model(ids, mask, RESPONSE)
+    model(ids, mask, ids[:, PROMPT:], 1.0)
     with torch.no_grad():
-        model(ids, mask, RESPONSE)
+        model(ids, mask, ids[:, PROMPT:], 1.0)
     assert counts[0] == ids.numel() and sum(counts[1:]) < ids.numel()

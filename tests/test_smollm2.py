@@ -81,10 +81,8 @@ def test_chat_rollout_stops_at_im_end_and_training_logprobs_match_the_rollout(tm
     rows = torch.arange(len(lengths))
     mb = batch.select(rows)
     with torch.no_grad():
-        logits, _ = trainer.model(mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-    from cppo.core import logprobs_from_logits
-
-    logprobs = logprobs_from_logits(logits, mb.response_ids, trainer.config.generation.temperature)
+        logprobs, *_ = trainer.model(mb.input_ids, mb.attention_mask, mb.response_ids,
+                                     trainer.config.generation.temperature)
     gap = ((logprobs - mb.old_logprobs).abs() * mb.response_mask).max()
     assert gap < 1e-4, f"training and rollout log-probs differ by {gap:.2e} nats"
 

@@ -23,10 +23,12 @@ from ..modules import policy_response_logits
 
 
 class Regularizer:
+    reads_logits = False  # whether `penalty` reads the policy's logits over the vocabulary (else it gets None)
+
     def task_start(self, trainer) -> None:
         pass
 
-    def penalty(self, trainer, mb, logits: torch.Tensor, token_denominator: torch.Tensor,
+    def penalty(self, trainer, mb, logits: torch.Tensor | None, token_denominator: torch.Tensor,
                 last_micro: bool) -> torch.Tensor:
         raise NotImplementedError
 
@@ -58,9 +60,9 @@ class ParameterPenalty(Regularizer):
         # A penalty on the weights, not on tokens: added once per optimiser step (on the micro-batch
         # whose backward synchronises gradients; DDP's mean over processes leaves it unchanged).
         if not last_micro or not self.anchor:
-            return torch.zeros((), device=logits.device)
+            return torch.zeros((), device=trainer.device)
         params = _trainable(trainer.unwrapped.policy)
-        total = torch.zeros((), device=logits.device)
+        total = torch.zeros((), device=trainer.device)
         for name, p in params.items():
             squared = (p - self.anchor[name].to(p.device)) ** 2
             if self.importance is not None:
@@ -90,7 +92,7 @@ class ImportancePenalty(ParameterPenalty):
 
     def penalty(self, trainer, mb, logits, token_denominator, last_micro):
         if self.importance is None:  # the first task: nothing learnt before it to protect
-            return torch.zeros((), device=logits.device)
+            return torch.zeros((), device=trainer.device)
         return super().penalty(trainer, mb, logits, token_denominator, last_micro)
 
     def sample_importance(self, policy, logits: torch.Tensor, response_mask: torch.Tensor,
@@ -175,6 +177,8 @@ class MAS(ImportancePenalty):
 class LwF(Regularizer):
     """Learning without forgetting: T²·KL(softmax(z_{t−1}/T) ‖ softmax(z_θ/T)) over the full vocabulary
     at each response token of the current rollouts, a token mean like the policy loss."""
+
+    reads_logits = True
 
     def __init__(self, temperature: float):
         self.temperature = temperature
