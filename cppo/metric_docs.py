@@ -79,6 +79,10 @@ _STEP = [
     ("time/train_s", "seconds", "the PPO epochs"),
     ("time/memory_retrieve_s", "seconds", "drawing the step's memory batch"),
     ("tokens_per_s", "tokens/s", "response tokens generated per second of the step"),
+    ("perf/throughput", "tokens/s", "tokens of the step's sequences, prompt and response, over every process, per "
+                                    "second of the step and per process (cppo.perf)"),
+    ("perf/mfu", "fraction", "model FLOPs of the training update per second over the device's dense peak, where "
+                             "the device is in cppo.perf.PEAK_TFLOPS (a GPU)"),
 ]
 _EXTRA = [
     ("memory/built", "responses", "responses sampled for the memory at the end of a task"),

@@ -1,8 +1,7 @@
 """The PPO loop for causal language models (docs/algorithm.md §2), with the hooks CPPO overrides (docs/algorithm.md §5).
 
-One step reads top to bottom in `PPOTrainer.step`: rollout → scores → KL-shaped rewards → advantages (GAE
-with the critic, or a critic-free estimator of docs/algorithm.md §9)
-→ per-rollout loss weights (the `prepare_losses` hook) → epochs of mini-batch updates → KL controller → stats.
+One step reads top to bottom in `PPOTrainer.step`: rollout → scores → KL-shaped rewards → advantages (GAE, or a
+critic-free estimator of §9) → loss weights (`prepare_losses`) → mini-batch updates → KL controller → stats.
 Statistics over the batch are taken on the batch gathered from every process, in `gather_rows`.
 """
 
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from . import core
+from . import core, perf
 from .checkpoint import check_stage_state, failpoint, restore_rng, rng_state
 from .data import PromptStream, left_pad
 from .engine import Generated, SeedKey
@@ -174,6 +173,7 @@ class PPOTrainer:
             "time/generate_s": generate_s,
             "time/train_s": end - train_start,
             "tokens_per_s": stats["response/tokens"] / (end - start),
+            **perf.step_stats(self, batch, end - start, end - train_start),
             "lr": self.scheduler.get_last_lr()[0],
         })
         return stats

@@ -545,6 +545,7 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
     peaks = {impl: w.close()["peak_mib"] for impl, w in workers.items()}
     out = {"policy": MODELS[name][0], "parameters": model_parameters(source), "prompt_length": prompt_length,
            "implementations": {}}
+    update_flops = training_flops(source, prompt_length)
     for impl in workers:
         split = {p: statistics.median(s.get(p, 0.0) for s in phases[impl]) for p in PHASES}
         split["rest"] = statistics.median(t - sum(s.get(p, 0.0) for p in PHASES)
@@ -552,6 +553,10 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
         figures = {"median_step_s": statistics.median(times[impl]), "phases_median_s": split,
                    "peak_memory_mib": peaks[impl], "optimizer": ready[impl].get("optimizer"),
                    "generation_tokens_per_s": BATCH * NEW_TOKENS / split["generate"],
+                   # verl's perf/throughput: every token of the step's sequences per second (one process)
+                   "throughput_tokens_per_s": BATCH * (prompt_length + NEW_TOKENS) / statistics.median(times[impl]),
+                   "mfu": mfu(update_flops[impl in CRITIC_IMPLS], split["train_forward_backward"],
+                              ready[impl]["device"], args.precision),
                    **{key: ready[impl][key] for key in ("generation_logprob_gap", "engine_build_s")
                       if key in ready[impl]},
                    "device": ready[impl]["device"], "step_s": times[impl], "phases_s": phases[impl]}
@@ -563,10 +568,41 @@ def benchmark_model(name: str, args, trl_dir: Path) -> dict:
     return out
 
 
+CRITIC_IMPLS = ("cppo", "trl", "floor")  # the PPO workload: a critic trained beside the policy
+
+
+def training_flops(source: str, prompt_length: int) -> tuple[float, float]:
+    """Model FLOPs of one update on the workload's sequences (cppo.perf's model: 3 × forward FLOPs of every
+    token, one epoch), without and with a critic of the policy's architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cppo import perf
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        policy = AutoModelForCausalLM.from_config(config)
+    lengths = torch.full((BATCH,), float(prompt_length + NEW_TOKENS))
+    policy_flops = 3 * perf.forward_flops(config, perf.matmul_parameters(policy), lengths)
+    critic_matmuls = perf.matmul_parameters(policy) - policy.get_output_embeddings().weight.numel()
+    return policy_flops, policy_flops + 3 * perf.forward_flops(config, critic_matmuls, lengths)
+
+
+def mfu(update_flops: float, train_s: float, device: str, precision: str) -> float | None:
+    """Model FLOPs utilisation of the update phase where the device's peak is known (cppo.perf.PEAK_TFLOPS)."""
+    import torch
+
+    from cppo import perf
+
+    peak = perf.peak_flops(torch.device(device), "bf16" if precision == "bf16" else "no")
+    return None if peak is None or train_s <= 0 else update_flops / train_s / peak
+
+
 def markdown(result: dict) -> str:
     lines = ["| model | implementation | step (median) | vs trl 1.12 | vs floor | vs cppo (GAE) | vs TRL GRPO | "
              "generate | generated tokens/s | weight sync | rollout fwd | train fwd+bwd | optimiser | rest | "
-             "peak memory |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory | tokens/s (all) | MFU of the update |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model in result["models"].items():
         for impl, f in model["implementations"].items():
             p = f["phases_median_s"]
@@ -577,7 +613,9 @@ def markdown(result: dict) -> str:
                          f"{ratio['ratio_to_trl-grpo']} | "
                          f"{p['generate']:.3f} | {f['generation_tokens_per_s']:.0f} | {p['weight_sync']:.3f} | "
                          f"{p['rollout_forward']:.3f} | {p['train_forward_backward']:.3f} | {p['optimizer']:.3f} | "
-                         f"{p['rest']:.3f} | {f['peak_memory_mib']:.0f} MiB |")
+                         f"{p['rest']:.3f} | {f['peak_memory_mib']:.0f} MiB | "
+                         f"{f.get('throughput_tokens_per_s', float('nan')):.0f} | "
+                         f"{'' if f.get('mfu') is None else format(f['mfu'], '.1%')} |")
     return "\n".join(lines)
 
 

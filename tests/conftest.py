@@ -24,7 +24,7 @@ TWO_PROCESSES = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_proce
 # tests/rank_exit_script.py: `cppo` that records each process's exit code in $RANK_EXIT_DIR/rank_<RANK>.
 RANK_EXIT_SCRIPT = (str(ROOT / "tests" / "rank_exit_script.py"),)
 # What differs between two runs that trained the same: wall-clock measurements.
-TIMING_KEYS = ("time/", "tokens_per_s", "vllm/load_s")
+TIMING_KEYS = ("time/", "tokens_per_s", "perf/", "vllm/load_s")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -88,6 +88,9 @@ def test_step_benchmark_measures_all_three(tmp_path):
         assert all(phases[p] > 0 for p in ("generate", "rollout_forward", "train_forward_backward", "optimizer"))
         assert phases["weight_sync"] == 0  # transformers' generate samples from the policy itself
         assert figures["generation_tokens_per_s"] == pytest.approx(8 * 16 / phases["generate"])
+        # every token of the 8 sequences (32-token prompts, 16-token responses) per second; no MFU on a CPU
+        assert figures["throughput_tokens_per_s"] == pytest.approx(8 * (32 + 16) / figures["median_step_s"])
+        assert figures["mfu"] is None
         assert figures["peak_memory_mib"] > 100
         others = {"cppo": ("trl", "floor"), "trl": ("floor",), "floor": ("trl",)}[name]
         assert all(figures[f"ratio_to_{o}"] > 0 for o in others)
@@ -141,7 +144,7 @@ SINGLE = {"ppo.mini_batch_size": 8, "ppo.ppo_epochs": 1}  # quick_overrides' 8 r
 
 
 def untimed(stats):
-    return {k: v for k, v in stats.items() if not k.startswith("time/") and k != "tokens_per_s"}
+    return {k: v for k, v in stats.items() if not k.startswith(("time/", "perf/")) and k != "tokens_per_s"}
 
 
 def test_without_a_kl_the_reference_pass_is_skipped_and_nothing_else_changes(tmp_path, monkeypatch):

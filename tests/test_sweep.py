@@ -311,7 +311,7 @@ def comparable(out: Path) -> list[dict]:
         row["output_dir"] = Path(row["output_dir"]).name
         if row["summary"]:
             row["summary"]["final_stats"] = {k: v for k, v in row["summary"]["final_stats"].items()
-                                             if not k.startswith("time/") and k != "tokens_per_s"}
+                                             if not k.startswith(("time/", "perf/")) and k != "tokens_per_s"}
     return rows
 
 
