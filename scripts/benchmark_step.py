@@ -72,7 +72,11 @@ LEARNING_RATE = 1e-5
 BATCH, MINI_BATCH, NEW_TOKENS = 8, 4, 16  # the defaults of --batch and --new-tokens (set by main())
 # model name -> (policy source, prompt length in tokens)
 MODELS = {"tiny-gpt2": ("builtin:tiny-gpt2", 32), "gpt2-14m": ("gpt2-14m", 32),
-          "smollm2-135m": ("builtin:smollm2-135m", 32)}
+          "smollm2-135m": ("builtin:smollm2-135m", 32),
+          # Random weights in real architectures' shapes, with a character tokenizer: nothing to download
+          # (cppo.builtin_models.RANDOM_ARCHITECTURES; the GPU benchmark, scripts/benchmark_gpu.sh).
+          **{f"random-{name}": (f"builtin:random-{name}", 32) for name in ("smollm2-135m", "qwen2.5-0.5b",
+                                                                         "llama-3.2-1b")}}
 
 
 # ------------------------------------------------------------------------------------ the workers
@@ -655,7 +659,8 @@ def machine(device: str) -> str:
 def main() -> None:
     global BATCH, MINI_BATCH, NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        default=[name for name in MODELS if not name.startswith("random-")])
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=["cppo", "trl", "floor"])
     parser.add_argument("--rounds", type=int, default=6, help="measured steps of each implementation")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each before measuring")

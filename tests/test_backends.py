@@ -23,9 +23,13 @@ pytestmark = pytest.mark.backends
 
 # Two tasks of three steps, a checkpoint after every step: enough updates to move S. CPPO's KR acts on the
 # rollouts and on the rollout memory of task 1 (built under the back end, its entries in every update's forward).
+# Whole sequences and whole logits (ppo.share_prompts: false, ppo.logprob_chunk_size: null): ZeRO-3 and FSDP2 train on
+# them in any case, and DDP's and ZeRO-2's shared prompts (the memory's entries share theirs) and chunks would round
+# otherwise (test_shared_prompts_under_a_sharded_back_end runs the defaults).
 RUN = ["tasks.0.steps=3", "tasks.1.steps=3", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
        "ppo.learning_rate=1e-3", "generation.max_new_tokens=8", "eval.max_prompts=16", "save_steps=1",
-       "cppo.kr_source=both", "memory.build_prompts=4", "memory.build_samples=2", "memory.batch_size=3"]
+       "cppo.kr_source=both", "memory.build_prompts=4", "memory.build_samples=2", "memory.batch_size=3",
+       "ppo.share_prompts=false", "ppo.logprob_chunk_size=null"]
 SHARDED = ["zero2", "zero3", "fsdp2"]
 WEIGHT_TOLERANCE = 1e-4
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -116,8 +120,6 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
     assert all(torch.equal(policy[k], v) for k, v in weights(straight, "policy").items())
 
 
-# Every row's whole sequence (ppo.share_prompts: false): ZeRO-3 and FSDP2 train on whole sequences in any case, and
-# DDP's shared prompts would round otherwise (test_shared_prompts_under_a_sharded_back_end).
 CRITIC_FREE = ["ppo.advantage=grpo", "generation.num_generations=2", "ppo.kl_in=loss", "ppo.share_prompts=false"]
 
 
@@ -145,11 +147,12 @@ def test_a_critic_free_run_matches_ddp_without_any_value_model(backend, ddp_crit
 
 @pytest.mark.parametrize("backend", SHARDED_RUNS)
 def test_shared_prompts_under_a_sharded_back_end(backend, ddp_critic_free_run, tmp_path):
-    """With ppo.share_prompts the generation and the rollout passes share each prompt on every back end; ZeRO-3 and
-    FSDP2 then train on whole sequences (a shared prompt's backward would need weights they have let go): the run
-    completes and its first update is that of whole sequences, up to the rollout passes' rounding."""
+    """The defaults: with ppo.share_prompts the generation and the rollout passes share each prompt on every back end,
+    and the log-probs come in vocabulary chunks; ZeRO-3 and FSDP2 then train on whole sequences and whole logits (a
+    shared prompt's backward, and the chunks', would need weights they have let go), ZeRO-2 shares and chunks in
+    training too: the run completes and its first update is that of whole sequences and logits, up to rounding."""
     out = tmp_path / "out"
-    result = launch(backend, out, *CRITIC_FREE[:-1], "ppo.share_prompts=true")
+    result = launch(backend, out, *CRITIC_FREE[:-1], "ppo.share_prompts=true", "ppo.logprob_chunk_size=1024")
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = metrics(out), metrics(ddp_critic_free_run)
     assert ours[0]["reward/mean"] == theirs[0]["reward/mean"]

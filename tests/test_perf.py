@@ -43,3 +43,29 @@ def test_a_step_logs_its_throughput_and_its_mfu_where_the_peak_is_known(tmp_path
     policy, critic = trainer.unwrapped.policy, trainer.unwrapped.value_model
     update = 3 * sum(real(m.config, perf.matmul_parameters(m), lengths) for m in (policy, critic))  # one epoch
     assert stats["perf/mfu"] == pytest.approx(update / stats["time/train_s"] / 1e12)
+
+
+@pytest.mark.parametrize(("architecture", "parameters"), [
+    ("smollm2-135m", 134_515_008), ("qwen2.5-0.5b", 494_032_768), ("llama-3.2-1b", 1_235_814_400)])
+def test_the_random_architectures_have_the_published_models_sizes(architecture, parameters):
+    """builtin:random-<architecture> (built on meta here: no weights) has the parameter count of the model whose
+    config it copies, so that speed measured on it is that model's."""
+    from transformers import AutoModelForCausalLM
+
+    from cppo.builtin_models import random_config
+
+    config = random_config(architecture)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert config.pad_token_id is not None and config.eos_token_id is not None
+
+
+@pytest.mark.slow
+def test_a_random_architecture_builds_and_trains_a_step_offline(tmp_path):
+    overrides = quick_overrides(tmp_path / "out", steps=1, **{"model.policy": "builtin:random-smollm2-135m",
+                                                              "ppo.advantage": "grpo", "generation.num_generations": 4})
+    trainer = build_trainer(load_config(ROOT / "configs" / "ppo_tiny.yaml", overrides))
+    assert trainer.unwrapped.policy.config.vocab_size == 49152
+    stats = trainer.step()
+    assert stats["response/tokens"] > 0 and stats["perf/throughput"] > 0
