@@ -76,10 +76,13 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
 
 class _ChunkedHeadLogprobs(torch.autograd.Function):
     """log softmax(h·Wᵀ / t) at `tokens` and the entropy, `chunk` rows at a time, forward and backward: never more
-    than (chunk, V) logits at once. The entropy carries no gradient (a statistic)."""
+    than (chunk, V) logits at once. The entropy carries no gradient (a statistic). The backward recomputes each
+    chunk's logits under the forward's autocast (mixed precision), so that it differentiates the same logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature: float, chunk: int):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         logprobs, entropies = [], []
         for start in range(0, hidden.shape[0], chunk):
             logits = _scaled(hidden[start:start + chunk] @ weight.T, temperature)
@@ -99,13 +102,15 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h = hidden[rows]
-            logits = _scaled(h @ weight.T, ctx.temperature)
+            device, dtype, enabled = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                logits = _scaled(h @ weight.T, ctx.temperature)
             # d log p(y) / d z = onehot(y) − softmax(z), through z = h·Wᵀ / t
             grad_logits = -torch.softmax(logits, -1)
             grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), torch.ones_like(grad_logits[:, :1]))
             grad_logits *= grad_logprobs[rows].float().unsqueeze(-1) / ctx.temperature
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ h.float()
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None

@@ -85,7 +85,8 @@ def markdown(result: dict) -> str:
             f"| {r['prompt_length']} | {r['response_length']} | {r['prompt_token_share']:.0%} | "
             f"{r['no_grad_full_s']:.2f} → {r['no_grad_shared_s']:.2f} | "
             f"{1 - r['no_grad_shared_s'] / r['no_grad_full_s']:.0%} | "
-            f"{r['train_full_s']:.2f} → {r['train_shared_s']:.2f} | {1 - r['train_shared_s'] / r['train_full_s']:.0%} | "
+            f"{r['train_full_s']:.2f} → {r['train_shared_s']:.2f} | "
+            f"{1 - r['train_shared_s'] / r['train_full_s']:.0%} | "
             f"{r['max_abs_logprob_diff']:.1e} | {r['max_abs_ratio_minus_1']:.1e} | {r['grad_relative_diff']:.1e} |")
     return "\n".join(lines)
 

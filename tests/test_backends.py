@@ -109,7 +109,8 @@ def test_two_task_cppo_run_matches_ddp_and_resumes_exactly(backend, ddp_run, tmp
     assert launch(backend, resumed, "--resume").returncode == 0
     for name in ("policy", "value_model"):
         assert largest_difference(weights(straight, name), weights(resumed, name)) == 0.0
-    timeless = [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "perf/"))} for r in metrics(resumed)]
+    timeless = [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "perf/"))}
+                for r in metrics(resumed)]
     assert timeless == [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "perf/"))}
                         for r in metrics(straight)]
 

@@ -36,6 +36,24 @@ def batch():
     return ids, mask
 
 
+def test_chunked_head_logprobs_differentiate_under_bf16_autocast_as_the_full_logits():
+    """Mixed precision: the forward's matrix product runs in bf16 (autocast) on float32 hidden states or on bf16 ones;
+    the backward recomputes the chunk under the same autocast, as the full logits' backward differentiates them."""
+    torch.manual_seed(0)
+    for hidden_dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(2, 6, 8).to(hidden_dtype).requires_grad_()
+        weight = torch.randn(11, 8, requires_grad=True)
+        tokens = torch.randint(0, 11, (2, 6))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, _ = core.head_logprobs_and_entropy(hidden, weight, tokens, 1.0, chunk=5)
+            theirs, _ = core.logprobs_and_entropy(hidden @ weight.T, tokens)
+        assert torch.equal(ours, theirs)
+        our_grads = torch.autograd.grad(ours.sum(), (hidden, weight))
+        their_grads = torch.autograd.grad(theirs.sum(), (hidden, weight))
+        for a, b in zip(our_grads, their_grads, strict=True):
+            assert a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_head_logprobs_entropy_and_gradients_are_the_full_logits(temperature):
     torch.manual_seed(0)
@@ -71,7 +89,8 @@ def test_the_policy_never_makes_the_vocabulary_logits_in_chunks(share):
         calls.clear()
         logprobs, entropy, _ = response_logprobs_and_entropy(model, ids, mask, responses, 0.9, share, chunk)
         (logprobs * mask[:, PROMPT:]).sum().backward()
-        results[chunk] = logprobs.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[chunk] = logprobs.detach(), entropy, grads, len(calls)
     (full, full_entropy, full_grads, full_calls), (ours, our_entropy, our_grads, our_calls) = results[None], results[8]
     assert full_calls >= 1 and our_calls == 0  # the output layer's own forward never runs: no (B, R, V) logits
     assert (full - ours).abs().max() < 1e-5 and (full_entropy - our_entropy).abs().max() < 1e-5

@@ -156,8 +156,8 @@ def test_a_grpo_run_with_shared_prompts_trains_as_the_full_forward_does_with_few
 @pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "temperature": 1.0, "top_k": 0,
                                                              "top_p": 1.0}], ids=["greedy", "sampled"])
 def test_generation_reads_a_repeated_prompt_once_and_samples_the_same_responses(build, sampling):
-    from cppo.engine import make_generation_config
     from cppo.engine import generate as engine_generate
+    from cppo.engine import make_generation_config
 
     ids, mask = grouped_batch()
     prompt_ids, prompt_mask = ids[:, :PROMPT], mask[:, :PROMPT]
