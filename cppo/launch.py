@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,30 @@ def processes(path: Path, raw: dict, num_processes: int | None) -> int:
     return count
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_own_port(command: list[str]) -> list[str]:
+    """Launches at once on one machine under `accelerate launch` or `torchrun` would all rendezvous on the
+    default port (29500), and all but the first would fail: each gets a free one, unless the launcher names
+    one."""
+    for i, word in enumerate(command[:-1]):
+        name = Path(word).name
+        if (name == "accelerate" and command[i + 1] == "launch") or word == "accelerate.commands.launch":
+            at, flag = i + 1 + (name == "accelerate"), "--main_process_port"
+        elif name == "torchrun" or word == "torch.distributed.run":
+            at, flag = i + 1, "--master_port"
+        else:
+            continue
+        if not any(w.startswith(flag) for w in command):
+            return [*command[:at], flag, str(free_port()), *command[at:]]
+        break
+    return command
+
+
 def launch(config_path: str, overrides: list[str], accelerate: str, num_processes: int | None,
            flags: list[str]) -> int:
     """Check, then run `accelerate launch` on `cppo train`; its exit code (2 when a process reported an error)."""
@@ -69,6 +94,8 @@ def launch(config_path: str, overrides: list[str], accelerate: str, num_processe
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
                *(["--num_processes", str(num_processes)] if num_processes is not None else []),
                "-m", "cppo", "train", config_path, *overrides, *flags]
+    if raw.get("num_machines", 1) == 1 and "main_process_port" not in raw:  # machines share the config's port
+        command = with_own_port(command)
     print(f"cppo: launching {count} process(es) with {path}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
     forwarded = {sig: signal.signal(sig, lambda signum, frame: process.send_signal(signum))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cppo.launch import with_own_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -90,8 +92,9 @@ def run_cppo(*args: str, launcher: tuple[str, ...] = (), program: tuple[str, ...
     `check`, the run must exit 0 (the assertion shows the end of its stderr). `failpoint` sets CPPO_FAILPOINT
     (the run kills itself with SIGKILL there: cppo/checkpoint.py)."""
     extra = {**(env or {}), **({"CPPO_FAILPOINT": failpoint} if failpoint else {})}
-    result = subprocess.run([PYTHON, *launcher, *program, *args], cwd=ROOT, env=subprocess_env(**extra),
-                            capture_output=True, text=True, timeout=timeout)
+    command = with_own_port([PYTHON, *launcher, *program, *args])  # never the default port another run may hold
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(**extra), capture_output=True, text=True,
+                            timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -33,6 +34,7 @@ from safetensors.torch import load_file
 
 from cppo.checkpoint import checkpoints, verify
 from cppo.cli import main
+from cppo.launch import with_own_port
 from cppo.session import reset_accelerate_state
 
 
@@ -389,8 +391,9 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step_and_resume
 
     def launch(out, *extra, wait=True):
         env = {**subprocess_env(), "RANK_EXIT_DIR": str(out.parent / f"{out.name}-exits")}
-        command = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   str(ROOT / "tests" / "rank_exit_script.py"), "train", TINY, f"output_dir={out}", *args, *extra]
+        command = with_own_port([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                 str(ROOT / "tests" / "rank_exit_script.py"), "train", TINY, f"output_dir={out}",
+                                 *args, *extra])
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
         return process.communicate(timeout=600) + (process.returncode,) if wait else process
@@ -476,10 +479,15 @@ def test_a_process_that_does_not_report_the_error_leaves_after_the_one_that_does
 @pytest.mark.slow
 def test_a_launch_cppo_starts_ends_on_a_processs_error_with_its_one_line_and_exit_2(tmp_path):
     """`cppo train --accelerate-config`: rank 1's reward function fails; the user sees that one line and exit 2,
-    not the launcher's traceback about the failed process (which `accelerate launch` by hand prints)."""
+    not the launcher's traceback about the failed process (which `accelerate launch` by hand prints). Another
+    job holds the default rendezvous port meanwhile, bound but not yet accepting (which `accelerate launch`'s own
+    check, a connection attempt, does not see): the launch takes a free one."""
     path = rank_1_fails(tmp_path)
-    result = run_cppo("train", TINY, *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score",
-                      "--accelerate-config", "multi_gpu", "--num-processes", "2", check=False)
+    with socket.socket() as other_job:
+        with contextlib.suppress(OSError):  # already held by someone else: as good
+            other_job.bind(("0.0.0.0", 29500))
+        result = run_cppo("train", TINY, *quick_overrides(tmp_path / "run"), f"tasks.0.reward.function={path}:score",
+                          "--accelerate-config", "multi_gpu", "--num-processes", "2", check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("cppo: error:")]
     assert len(lines) == 1 and "[rank 1] reward function" in lines[0] and "reward server down" in lines[0]

@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..launch import with_own_port
 from .spec import SweepConfig, Trial, num_processes
 
 
@@ -34,29 +34,6 @@ def _die_with_parent(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the sweep died before that took effect
             os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _own_port(command: list[str]) -> list[str]:
-    """Trials running at once under `accelerate launch` or `torchrun` would all rendezvous on the default
-    port (29500): each gets a free one, unless the launcher names one."""
-    for i, word in enumerate(command[:-1]):
-        name = Path(word).name
-        if (name == "accelerate" and command[i + 1] == "launch") or word == "accelerate.commands.launch":
-            at, flag = i + 1 + (name == "accelerate"), "--main_process_port"
-        elif name == "torchrun" or word == "torch.distributed.run":
-            at, flag = i + 1, "--master_port"
-        else:
-            continue
-        if not any(w.startswith(flag) for w in command):
-            return [*command[:at], flag, str(_free_port()), *command[at:]]
-        break
-    return command
 
 
 def _error_line(output: str, returncode: int) -> str:
@@ -161,7 +138,7 @@ class Runner:
         elif run_dir.is_dir() and any(run_dir.iterdir()):
             command.append("--overwrite")  # stopped before its first checkpoint: start it again
         if self.jobs > 1:
-            command = _own_port(command)
+            command = with_own_port(command)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.devices[slot]
