@@ -114,8 +114,11 @@ def test_sigkill_and_resume_with_lora_is_bit_identical_and_the_saved_policy_is_t
         base = AutoModelForCausalLM.from_pretrained(smollm2).eval()
         base_logits = base(ids).logits
         adapted = PeftModel.from_pretrained(base, task / "policy_adapter").eval()
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
-        assert (adapted(ids).logits - base_logits).abs().max() > 1e-4  # the step moved the adapter
+        # W + BA in one matrix against W·x + B(A·x): float32 rounding (seen up to 1.2e-4), far below what the
+        # training moved the logits.
+        rounding = (merged(ids).logits - adapted(ids).logits).abs().max()
+        moved = (adapted(ids).logits - base_logits).abs().max()
+        assert rounding < 1e-3 and moved > 20 * rounding, (rounding, moved)
     # killed between the rollout and the update of the second task's step: resumed across the boundary
     killed = train_cli(resumed, failpoint="step:2:mid", check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
