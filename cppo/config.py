@@ -10,6 +10,8 @@ the number of processes it is launched on.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,20 +57,54 @@ class ModelConfig:
                "0 (dropout would make the update's log-probs differ from the rollout's for the same weights)")
 
 
+def in_memory(rows: Any) -> bool:
+    """Rows given through the Python API: a `datasets.Dataset` or a list of dicts."""
+    if isinstance(rows, list):
+        return all(isinstance(r, dict) for r in rows)
+    return hasattr(rows, "column_names") and hasattr(rows, "select")
+
+
+# Statistics logged under reward/ that a reward source's name would collide with.
+RESERVED_REWARD_NAMES = ("mean", "std", "score_mean", "shaped_mean")
+
+
 @dataclass
 class RewardConfig:
     model: str | None = None
     """Sequence-classification reward model (local dir or hub name); its first logit is the score."""
     function: str | None = None
-    """Python reward `module:function` or `path/to/file.py:function`, called as f(prompts, completions)."""
-    normalize: Literal["none", "batch", "running"] = "none"
-    """Standardise raw scores over the global rollout batch, or with running moments over all steps."""
+    """Python reward `module:function` or `path/to/file.py:function`: called with the prompts and completions and,
+    by keyword, `completion_ids` and the prompts' dataset columns it names (docs/guides/data-and-rewards.md);
+    an `async def` function is called on `rows_per_call` rows at a time, concurrently."""
+    name: str | None = None
+    """The source's name in the logs (`reward/<name>`) and errors; null: the function's name or the model's
+    directory name. Unique within a task."""
+    weight: float = 1.0
+    """Weight of this source in the task's reward, the weighted sum of its sources' processed scores."""
+    normalize: Literal["none", "batch", "running", "group"] = "none"
+    """Standardise raw scores over the global rollout batch, with running moments over all steps, or within each
+    prompt's group of `generation.num_generations` responses (GDPO: each source before the sum)."""
     clip: float | None = None
     """Clamp scores to [-clip, clip] after normalisation and the EOS penalty."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a response that ends without the stop token."""
     batch_size: int = 32
     """Sequences per forward pass of the reward model."""
+    rows_per_call: int = 1
+    """An `async def` reward function: rows (prompt and completion) each call scores."""
+    max_concurrency: int = 16
+    """An `async def` reward function: calls in flight at once, per process."""
+    timeout: float | None = None
+    """An `async def` reward function: seconds one call may take before the run stops with one line naming it
+    (null: no limit). A plain function runs to its end."""
+
+    @property
+    def label(self) -> str:
+        """`name`, else the function's name or the model's last path part."""
+        if self.name is not None:
+            return self.name
+        source = self.function.rpartition(":")[2] if self.function is not None else str(self.model)
+        return source.rstrip("/").rpartition("/")[2] or source
 
     def validate(self, name: str = "reward") -> None:
         if (self.model is None) == (self.function is None):
@@ -78,22 +114,59 @@ class RewardConfig:
             )
         if self.function is not None:
             _check(":" in self.function, f"{name}.function", self.function, "of the form module:function")
+        _check(self.name is None or (bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name)),
+               f"{name}.name", self.name, "a non-empty name of letters, digits, '-', '_' or '.', or null")
+        _check(self.label not in RESERVED_REWARD_NAMES, f"{name}.name", self.label,
+               f"not one of {', '.join(RESERVED_REWARD_NAMES)} (statistics logged under reward/)")
         _check(self.clip is None or self.clip > 0, f"{name}.clip", self.clip, "> 0 or null")
         _check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
                f"{name}.missing_eos_penalty", self.missing_eos_penalty, ">= 0 or null")
         _check(self.batch_size > 0, f"{name}.batch_size", self.batch_size, "> 0")
+        _check(self.rows_per_call > 0, f"{name}.rows_per_call", self.rows_per_call, "> 0")
+        _check(self.max_concurrency > 0, f"{name}.max_concurrency", self.max_concurrency, "> 0")
+        _check(self.timeout is None or self.timeout > 0, f"{name}.timeout", self.timeout, "> 0 or null")
+
+
+def reward_sources(reward: RewardConfig | list[RewardConfig], name: str) -> list[RewardConfig]:
+    """A reward field (one source or a list of them) as a checked list of sources."""
+    sources = reward if isinstance(reward, list) else [reward]
+    _check(len(sources) > 0, name, sources, "a reward source or a non-empty list of them")
+    labels = set()
+    for index, source in enumerate(sources):
+        where = f"{name}[{index}]" if isinstance(reward, list) else name
+        source.validate(where)
+        _check(source.label not in labels, f"{where}.name", source.label, "unique among the task's reward sources")
+        labels.add(source.label)
+    return sources
+
+
+# The keyword arguments every reward function may take besides the dataset's columns (which do not override them).
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")
 
 
 @dataclass
 class DataConfig:
-    path: str = "builtin:toy-prompts"
-    """Prompts: a local .jsonl/.json/.csv/.parquet file, a hub dataset name, or `builtin:toy-prompts`."""
+    path: Any = "builtin:toy-prompts"
+    """Prompts: a local .jsonl/.json/.csv/.parquet file, a directory written by `Dataset.save_to_disk`, a hub
+    dataset name (or a `datasets` builder such as `json` with `data_files`), or `builtin:toy-prompts`. Through the
+    Python API also the rows themselves: a `datasets.Dataset` or a list of dicts (config.yaml then records their
+    number and content hash)."""
+    name: str | None = None
+    """Hub datasets: the subset (configuration) to read, e.g. `main` of `openai/gsm8k`."""
+    revision: str | None = None
+    """Hub datasets: the branch, tag or commit to read."""
+    data_files: str | list[str] | None = None
+    """Hub datasets and builders: the files to read (`datasets.load_dataset`'s `data_files`)."""
     split: str = "train"
-    """Dataset split to read (hub datasets; a local file is one split)."""
+    """Split to read, or a split expression (`train[:500]`, `train[10%:]+test`): of a hub dataset, of a
+    save_to_disk directory, or of a local file (whose one split is `train`)."""
     prompt_field: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages ({role, content})."""
     reference_field: str | None = None
     """Column holding a reference response (evaluation sets: ROUGE-L against it)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """More keyword arguments for the reward functions: keyword → column (`{answer: solution}`). Every column
+    reaches them under its own name anyway."""
     filter_field: str | None = None
     """Keep only rows whose `filter_field` equals `filter_value` (compared as text)."""
     filter_value: str | None = None
@@ -111,7 +184,14 @@ class DataConfig:
     def validate(self, name: str = "data") -> None:
         _check(self.max_prompt_length > 0, f"{name}.max_prompt_length", self.max_prompt_length, "> 0")
         _check(bool(self.prompt_field), f"{name}.prompt_field", self.prompt_field, "a column name")
-        _check(bool(self.path), f"{name}.path", self.path, "a file, a hub dataset or builtin:toy-prompts")
+        _check(isinstance(self.path, str) and bool(self.path) or in_memory(self.path), f"{name}.path",
+               self.path if isinstance(self.path, str) else type(self.path).__name__,
+               "a file, a save_to_disk directory, a hub dataset, builtin:toy-prompts, or (Python API) a "
+               "datasets.Dataset or a list of dicts")
+        for keyword, column in self.columns.items():
+            _check(keyword.isidentifier() and keyword not in REWARD_ARGUMENTS, f"{name}.columns", keyword,
+                   f"keyed by Python names other than {', '.join(REWARD_ARGUMENTS)}")
+            _check(bool(column), f"{name}.columns.{keyword}", column, "a column name")
         _check((self.filter_field is None) == (self.filter_value is None), f"{name}.filter_value",
                self.filter_value, "set together with filter_field")
         _check(self.max_samples is None or self.max_samples > 0, f"{name}.max_samples", self.max_samples,
@@ -126,8 +206,10 @@ class TaskConfig:
     """Training prompts of the task."""
     eval_prompts: DataConfig | None = None
     """Evaluation prompts (optionally with `reference_field`); null leaves the task out of the matrix."""
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(function="cppo.toy:vowel_fraction"))
-    """The task's reward: a reward model trained on its preferences, or a callable."""
+    reward: RewardConfig | list[RewardConfig] = field(
+        default_factory=lambda: RewardConfig(function="cppo.toy:vowel_fraction"))
+    """The task's reward: a reward model trained on its preferences, or a callable; or a list of such sources,
+    whose weighted sum is the reward (each logged as `reward/<name>`)."""
     steps: int | None = None
     """Budget in PPO steps; null uses `ppo.steps` (unless `episodes` is set)."""
     episodes: int | None = None
@@ -140,11 +222,16 @@ class TaskConfig:
         self.prompts.validate(f"{name}.prompts")
         if self.eval_prompts is not None:
             self.eval_prompts.validate(f"{name}.eval_prompts")
-        self.reward.validate(f"{name}.reward")
+        reward_sources(self.reward, f"{name}.reward")
         _check(self.steps is None or self.steps > 0, f"{name}.steps", self.steps, "> 0 or null")
         _check(self.episodes is None or self.episodes > 0, f"{name}.episodes", self.episodes, "> 0 or null")
         _check(self.steps is None or self.episodes is None, f"{name}.episodes", self.episodes,
                "null when steps is set (one budget per task)")
+
+    @property
+    def rewards(self) -> list[RewardConfig]:
+        """The task's reward sources."""
+        return self.reward if isinstance(self.reward, list) else [self.reward]
 
     def budget(self, ppo: PPOConfig) -> int:
         """PPO steps this task trains for."""
@@ -228,6 +315,13 @@ class GenerationConfig:
     num_generations: int = 1
     """G: responses sampled per prompt, in one group (≥ 2 for `ppo.advantage: rloo | grpo`, whose baselines
     are the other responses of the group). Each process holds whole groups."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: a prompt group whose G responses all got the same raw reward (no signal for a group
+    estimator) is dropped and more prompts are sampled until the batch is full of informative groups; the
+    number filtered is logged (`dynamic_sampling/filtered`)."""
+    dynamic_sampling_max_rounds: int = 4
+    """With `dynamic_sampling`: rounds of sampling at most per step (the first included); a batch still short of
+    informative groups after them is filled with filtered ones (`dynamic_sampling/filled`)."""
     engine: Literal["hf", "vllm"] = "hf"
     """What samples the rollouts: transformers' `generate`, or a vLLM engine colocated in each process (the
     `vllm` section; weights synchronised from the policy after every step). The log-probs of the PPO ratio
@@ -239,6 +333,11 @@ class GenerationConfig:
         _check(self.top_k >= 0, "generation.top_k", self.top_k, ">= 0")
         _check(0 < self.top_p <= 1, "generation.top_p", self.top_p, "in (0, 1]")
         _check(self.num_generations > 0, "generation.num_generations", self.num_generations, "> 0")
+        _check(not self.dynamic_sampling or self.num_generations >= 2, "generation.dynamic_sampling",
+               self.dynamic_sampling, f"false with num_generations {self.num_generations} (it filters groups of G >= 2 "
+               "responses to one prompt)")
+        _check(self.dynamic_sampling_max_rounds > 0, "generation.dynamic_sampling_max_rounds",
+               self.dynamic_sampling_max_rounds, "> 0")
         _check(self.batch_size is None or (self.batch_size > 0 and self.batch_size % self.num_generations == 0),
                "generation.batch_size", self.batch_size,
                f"> 0 and a multiple of generation.num_generations ({self.num_generations}), or null")
@@ -283,7 +382,22 @@ class PPOConfig:
     lam: float = 0.95
     """λ of GAE."""
     clip: float = 0.2
-    """ε of the clipped policy ratio."""
+    """ε of the clipped policy ratio (both sides, unless `clip_low` or `clip_high` is set)."""
+    clip_low: float | None = None
+    """ε_low: the ratio is clipped below at 1 − ε_low; null: `clip`."""
+    clip_high: float | None = None
+    """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher, e.g. 0.28 with 0.2 below); null: `clip`."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """The importance ratio of the clipped objective: per token, or GSPO's per sequence (the geometric mean of the
+    token ratios of a response, the same for its every token; GSPO clips it at ε ≈ 3e-4 / 4e-4)."""
+    mask_truncated: bool = False
+    """Leave responses that ended without the stop token out of the policy loss (DAPO's overlong filtering); their
+    tokens still train the critic and count in the KL."""
+    overlong_penalty: OverlongPenaltyConfig | None = None
+    """DAPO's soft overlong punishment added to the score: 0 up to `length − buffer` tokens, then linearly down to
+    −factor at `length`; null: none."""
+    entropy_coef: float = 0.0
+    """Coefficient of the entropy bonus: −entropy_coef × the token mean of the policy's entropy joins the loss."""
     value_clip: float = 0.2
     """ε_v: new values are clipped to old values ± this."""
     vf_coef: float = 0.1
@@ -323,6 +437,14 @@ class PPOConfig:
     max_nonfinite_skips: int = 10
     """With `on_nonfinite: skip`: stop anyway when one more would be skipped after this many in a task."""
 
+    @property
+    def epsilon_low(self) -> float:
+        return self.clip if self.clip_low is None else self.clip_low
+
+    @property
+    def epsilon_high(self) -> float:
+        return self.clip if self.clip_high is None else self.clip_high
+
     def validate(self, num_processes: int = 1) -> None:
         for name in ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             _check(getattr(self, name) > 0, f"ppo.{name}", getattr(self, name), "> 0")
@@ -336,6 +458,9 @@ class PPOConfig:
         _check(0 <= self.gamma <= 1, "ppo.gamma", self.gamma, "in [0, 1]")
         _check(0 <= self.lam <= 1, "ppo.lam", self.lam, "in [0, 1]")
         _check(self.clip > 0, "ppo.clip", self.clip, "> 0")
+        _check(self.clip_low is None or 0 < self.clip_low < 1, "ppo.clip_low", self.clip_low, "in (0, 1) or null")
+        _check(self.clip_high is None or self.clip_high > 0, "ppo.clip_high", self.clip_high, "> 0 or null")
+        _check(self.entropy_coef >= 0, "ppo.entropy_coef", self.entropy_coef, ">= 0")
         _check(self.value_clip > 0, "ppo.value_clip", self.value_clip, "> 0")
         _check(self.vf_coef >= 0, "ppo.vf_coef", self.vf_coef, ">= 0")
         _check(self.kl_coef >= 0, "ppo.kl_coef", self.kl_coef, ">= 0")
@@ -352,6 +477,22 @@ class PPOConfig:
         _check(self.mini_batch_size % per_step == 0, "ppo.mini_batch_size", self.mini_batch_size,
                f"a multiple of processes × gradient_accumulation_steps ({num_processes} × "
                f"{self.gradient_accumulation_steps})")
+
+
+@dataclass
+class OverlongPenaltyConfig:
+    buffer: int = 4
+    """L_buffer: the last tokens before `length` over which the penalty grows from 0 to −factor."""
+    length: int | None = None
+    """L_max: the length at which the penalty reaches −factor; null: `generation.max_new_tokens`."""
+    factor: float = 1.0
+    """The largest penalty."""
+
+    def validate(self, max_new_tokens: int) -> None:
+        length = self.length or max_new_tokens
+        _check(self.length is None or self.length > 0, "ppo.overlong_penalty.length", self.length, "> 0 or null")
+        _check(0 < self.buffer <= length, "ppo.overlong_penalty.buffer", self.buffer, f"in [1, length {length}]")
+        _check(self.factor > 0, "ppo.overlong_penalty.factor", self.factor, "> 0")
 
 
 _ABLATIONS = ("none", "alpha_one", "beta_one", "beta_zero")
@@ -512,8 +653,9 @@ class Config:
     """The policy, its critic and tokenizer, their dtype, LoRA."""
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
     """The task stream, in training order: each task's prompts, evaluation prompts, reward and budget."""
-    eval_reward: RewardConfig | None = None
-    """Evaluation reward model for every task (the paper's reference PM); null: each task's own reward."""
+    eval_reward: RewardConfig | list[RewardConfig] | None = None
+    """Evaluation reward for every task (the paper's reference PM), one source or a weighted list; null: each
+    task's own reward."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """How the evaluation matrix is decoded and scored after each task."""
     continual: ContinualConfig = field(default_factory=ContinualConfig)
@@ -528,6 +670,13 @@ class Config:
     """The rollout memory of earlier tasks (with `cppo.kr_source: memory` or `both`)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """The vLLM engine (with `generation.engine` or `eval.engine` vllm)."""
+
+    @property
+    def eval_rewards(self) -> list[RewardConfig] | None:
+        """The evaluation reward's sources (None: each task's own)."""
+        if self.eval_reward is None:
+            return None
+        return self.eval_reward if isinstance(self.eval_reward, list) else [self.eval_reward]
 
     @property
     def uses_critic(self) -> bool:
@@ -561,13 +710,15 @@ class Config:
             _check(task.name not in seen, f"tasks[{index}].name", task.name, "unique (another task has it)")
             seen.add(task.name)
         if self.eval_reward is not None:
-            self.eval_reward.validate("eval_reward")
+            reward_sources(self.eval_reward, "eval_reward")
         self.eval.validate()
         self.continual.validate()
         _check(self.model.lora_r == 0 or self.continual.regularizer in ("none", "lwf"), "continual.regularizer",
                self.continual.regularizer, "none or lwf with LoRA (l2, ewc and mas act on full weights)")
         self.generation.validate()
         self.ppo.validate(num_processes)
+        if self.ppo.overlong_penalty is not None:
+            self.ppo.overlong_penalty.validate(self.generation.max_new_tokens)
         self.cppo.validate()
         self.memory.validate()
         self.vllm.validate()
@@ -586,9 +737,18 @@ class Config:
                "reward unless ppo.advantage is grpo")
         self._refuse_what_cannot_take_effect()
         if self.uses_critic and self.model.value_init == "reward_model" and self.model.value_model is None:
-            first = self.tasks[0].reward
-            _check(first.model is not None, "model.value_init", self.model.value_init,
-                   "'policy' when the first task's reward is not a reward model")
+            first = self.tasks[0].rewards
+            _check(len(first) == 1 and first[0].model is not None, "model.value_init", self.model.value_init,
+                   "'policy' when the first task's reward is not one reward model")
+        for index, task in enumerate(self.tasks):
+            for k, source in enumerate(task.rewards):
+                _check(source.normalize != "group" or group >= 2, f"tasks[{index}].reward"
+                       + (f"[{k}]" if isinstance(task.reward, list) else "") + ".normalize", source.normalize,
+                       f"none, batch or running with generation.num_generations {group} (a group is G >= 2 "
+                       "responses to one prompt)")
+                _check(source.normalize != "group" or not self.uses_memory or self.memory.build_samples >= 2,
+                       "memory.build_samples", self.memory.build_samples,
+                       ">= 2 with a reward normalized by group (the memory's answers are normalised per prompt)")
         return self
 
     def _refuse_what_cannot_take_effect(self) -> None:
@@ -626,8 +786,8 @@ class Config:
         m = self.model
         found = [(f"model.{name}", getattr(m, name))
                  for name in ("policy", "tokenizer", *(("value_model",) if self.uses_critic else ()))]
-        rewards = [(f"tasks[{i}].reward", t.reward) for i, t in enumerate(self.tasks)]
-        rewards += [("eval_reward", self.eval_reward)] if self.eval_reward is not None else []
+        rewards = [(f"tasks[{i}].reward", r) for i, t in enumerate(self.tasks) for r in t.rewards]
+        rewards += [("eval_reward", r) for r in self.eval_rewards or []]
         for name, reward in rewards:
             found.append((f"{name}.model", reward.model) if reward.model is not None else
                          (f"{name}.function", reward.function.rpartition(":")[0]))
@@ -638,7 +798,25 @@ class Config:
         return [(name, value) for name, value in found if value]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data (config.yaml): rows given in memory as their count and content hash."""
+        described = []
+        for task in self.tasks:
+            for data in (task.prompts, task.eval_prompts):
+                if data is not None and in_memory(data.path):
+                    described.append((data, data.path))
+                    data.path = describe_rows(data.path)
+        try:
+            return dataclasses.asdict(self)
+        finally:
+            for data, rows in described:
+                data.path = rows
+
+
+def describe_rows(rows: Any) -> str:
+    """Rows held in memory, as config.yaml records them: `in memory: N rows, sha256 <first 16 hex digits>`."""
+    listed = rows if isinstance(rows, list) else rows.to_list()
+    digest = hashlib.sha256(json.dumps(listed, sort_keys=True, default=str).encode()).hexdigest()
+    return f"in memory: {len(listed)} rows, sha256 {digest[:16]}"
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -3,7 +3,6 @@ into the typed, validated dataclasses of `cppo.config`; and what a resume may an
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -38,7 +37,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
     `a.b=value` overrides applied (values parsed as YAML; a leading `--`, as in `--ppo.steps=5`, is allowed),
     built and validated. `num_processes` is the number of processes it will run on (batch sizes must split)."""
     if isinstance(source, dict):
-        raw = copy.deepcopy(source)
+        raw = _copied(source)
     else:
         raw = read_yaml_mapping(source, "config file") if source is not None else {}
     for item in overrides:
@@ -52,6 +51,15 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
         if text is not None:
             setattr(config, name, _PLACEHOLDER.sub(lambda m, name=name: path_text(_field(config, m[1], name)), text))
     return config.validate(num_processes)
+
+
+def _copied(tree: Any) -> Any:
+    """A copy of the mappings and lists of `tree`; other values as they are (rows given in memory are not copied)."""
+    if isinstance(tree, dict):
+        return {k: _copied(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copied(v) for v in tree]
+    return tree
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
@@ -164,7 +172,10 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, name)
+        listed = [a for a in inner if typing.get_origin(a) is list]
+        if isinstance(value, list) and listed:  # `X | list[X]`: one item or a list of them
+            return _convert(listed[0], value, name)
+        return _convert(next((a for a in inner if typing.get_origin(a) is not list), inner[0]), value, name)
     if origin is Literal:
         if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
             value = "no"

@@ -76,11 +76,13 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
 
 class _ChunkedHeadLogprobs(torch.autograd.Function):
     """log softmax(h·Wᵀ / t) at `tokens` and the entropy, `chunk` rows at a time, forward and backward: never more
-    than (chunk, V) logits at once. The entropy carries no gradient (a statistic). The backward recomputes each
-    chunk's logits under the forward's autocast (mixed precision), so that it differentiates the same logits."""
+    than (chunk, V) logits at once. The backward recomputes each chunk's logits under the forward's autocast (mixed
+    precision), so that it differentiates the same logits; the entropy's gradient is computed only when the loss
+    reads the entropy (`ppo.entropy_coef`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature: float, chunk: int):
+        ctx.set_materialize_grads(False)  # an output the loss does not read gets no gradient, not zeros
         device = hidden.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         logprobs, entropies = [], []
@@ -94,7 +96,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         return torch.cat(logprobs), torch.cat(entropies)
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, tokens = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -105,10 +107,18 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
             device, dtype, enabled = ctx.autocast
             with torch.autocast(device, dtype=dtype, enabled=enabled):
                 logits = _scaled(h @ weight.T, ctx.temperature)
-            # d log p(y) / d z = onehot(y) − softmax(z), through z = h·Wᵀ / t
-            grad_logits = -torch.softmax(logits, -1)
-            grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), torch.ones_like(grad_logits[:, :1]))
-            grad_logits *= grad_logprobs[rows].float().unsqueeze(-1) / ctx.temperature
+            # d log p(y) / d z = onehot(y) − p and dH / dz = −p ⊙ (log p + H), through z = h·Wᵀ / t
+            grad_logits = -torch.softmax(logits, -1)  # −p
+            if grad_logprobs is None:
+                grad_logits.zero_()
+            else:
+                grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), torch.ones_like(grad_logits[:, :1]))
+                grad_logits *= grad_logprobs[rows].float().unsqueeze(-1) / ctx.temperature
+            if grad_entropy is not None:
+                log_p = torch.log_softmax(logits.float(), -1)
+                entropy = -(log_p.exp() * log_p).sum(-1, keepdim=True)
+                grad_logits -= (grad_entropy[rows].float().unsqueeze(-1) / ctx.temperature) * log_p.exp() * (
+                    log_p + entropy)
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
             if grad_weight is not None:
@@ -124,7 +134,7 @@ def head_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, tokens
     rows, positions = tokens.shape
     logprobs, entropy = _ChunkedHeadLogprobs.apply(hidden.reshape(rows * positions, -1), weight,
                                                    tokens.reshape(-1), temperature, chunk)
-    return logprobs.view(rows, positions), entropy.view(rows, positions).detach()
+    return logprobs.view(rows, positions), entropy.view(rows, positions)
 
 
 def response_mask_from_stop(responses: torch.Tensor,
@@ -251,23 +261,34 @@ def k3_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
     return masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask, None, denominator)
 
 
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level log importance ratio (docs/algorithm.md §10): log s_i = (1/|y_i|) Σ_t m_it (log π_θ −
+    log π_roll), the log of the length-normalised sequence ratio, broadcast to every token of i. (B, T) -> (B, T)."""
+    m = mask.to(logprobs.dtype)
+    per_sequence = ((logprobs - old_logprobs) * m).sum(-1) / m.sum(-1).clamp_min(1)
+    return per_sequence.unsqueeze(-1).expand_as(logprobs)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float, weights: torch.Tensor | None = None, denominator: torch.Tensor | None = None,
-                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate, a loss to minimise (docs/algorithm.md §2, §5 with weights = α).
+                token_weights: torch.Tensor | None = None, clip_high: float | None = None,
+                ratio_level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate, a loss to minimise (docs/algorithm.md §2, §5 with weights = α; options §10).
 
-    CLIP_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = exp(log π_θ − log π_roll); the loss is
-    the weighted masked mean Σ α m CLIP / Σ α m (`denominator` as in `masked_mean`). All (B, T);
-    weights (B,). Stats (unweighted):
+    CLIP_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε_low, 1+ε_high)), ρ_t = exp(log π_θ − log π_roll), with ε_low = `clip`
+    and ε_high = `clip_high` (DAPO's clip-higher; None: `clip`); with `ratio_level` "sequence" ρ_t is GSPO's
+    sequence ratio s_i for every token of i (`sequence_log_ratio`). The loss is the weighted masked mean
+    Σ α m CLIP / Σ α m (`denominator` as in `masked_mean`). All (B, T); weights (B,). Stats (unweighted):
     `clipfrac`, the share of tokens where the clipped branch is taken; `approx_kl`, the k3 estimate
-    of KL(π_roll ‖ π_θ). `token_weights` (B, T), constant: each token's CLIP is multiplied by its weight (the
-    truncated importance weights of tokens sampled by another engine than π_roll); the mean's denominator
+    of KL(π_roll ‖ π_θ) per token. `token_weights` (B, T), constant: each token's CLIP is multiplied by its weight
+    (the truncated importance weights of tokens sampled by another engine than π_roll); the mean's denominator
     stays the same.
     """
-    log_ratio = logprobs - old_logprobs
+    token_log_ratio = logprobs - old_logprobs
+    log_ratio = token_log_ratio if ratio_level == "token" else sequence_log_ratio(logprobs, old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     per_token = torch.maximum(unclipped, clipped)
     if token_weights is not None:
         per_token = per_token * token_weights
@@ -275,9 +296,24 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "approx_kl": masked_mean(torch.expm1(token_log_ratio) - token_log_ratio, mask),
         }
     return loss, stats
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | float | None = None
+                  ) -> torch.Tensor:
+    """The masked token mean of the policy's entropy H_t (B, T), differentiable: −entropy_coef times it joins the
+    loss (docs/algorithm.md §10). -> scalar."""
+    return masked_mean(entropy, mask, None, denominator)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (docs/algorithm.md §10), added to a response's score: 0 up to
+    L_max − L_buffer tokens, then falling linearly to −factor at L_max, −factor beyond.
+    lengths (B,) -> (B,) float32, ≤ 0."""
+    over = (lengths.float() - (max_length - buffer)).clamp_min(0)
+    return -factor * (over / buffer).clamp_max(1.0)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

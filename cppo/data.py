@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig
+from .config import REWARD_ARGUMENTS, DataConfig, in_memory
 from .errors import UserError, exception_line
 
 # Builtin prompt sets: name → (number of prompts, seed)
@@ -19,6 +19,8 @@ _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 
 def check_data_source(cfg: DataConfig, name: str = "data") -> None:
     """Fail fast (before any model loads) on a local prompt file that is missing or of unknown type."""
+    if in_memory(cfg.path) or _saved_to_disk(Path(cfg.path).expanduser()):
+        return
     if cfg.path.startswith("builtin:"):
         if cfg.path not in BUILTIN_PROMPTS:
             raise UserError(f"{name}.path must name a builtin prompt set ({', '.join(BUILTIN_PROMPTS)}), "
@@ -32,52 +34,84 @@ def check_data_source(cfg: DataConfig, name: str = "data") -> None:
             raise UserError(f"{name}.path must be a {'/'.join(_LOCAL_FORMATS)} file, got {cfg.path!r}")
 
 
+def _saved_to_disk(path: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
 def load_rows(cfg: DataConfig, name: str = "data") -> list[dict]:
-    """The configured rows (filtered, capped) with their prompt and, if configured, reference."""
+    """The configured rows (filtered, capped), every column of each; the `columns` mapping's keywords added."""
     check_data_source(cfg, name)
-    if cfg.path in BUILTIN_PROMPTS:
+    if isinstance(cfg.path, str) and cfg.path in BUILTIN_PROMPTS:
         from .toy import toy_prompts
 
         rows = [{cfg.prompt_field: p} for p in toy_prompts(*BUILTIN_PROMPTS[cfg.path])]
     else:
         import datasets
 
-        path = Path(cfg.path).expanduser()
-        if path.is_file() and path.suffix != ".parquet":
-            _check_text_file(path, name)
         verbosity = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log would repeat our one line
         try:
-            if path.is_file():
-                dataset = datasets.load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-            else:
-                dataset = datasets.load_dataset(cfg.path, split=cfg.split)
-            for field_name in (cfg.prompt_field, cfg.reference_field, cfg.filter_field):
-                if field_name is not None and field_name not in dataset.column_names:
-                    what = {cfg.prompt_field: "prompt_field", cfg.reference_field: "reference_field"}.get(
-                        field_name, "filter_field")
-                    raise UserError(f"{name}.{what}: column {field_name!r} not in {cfg.path} "
+            dataset = _load_dataset(cfg, name)
+            wanted = {"prompt_field": cfg.prompt_field, "reference_field": cfg.reference_field,
+                      "filter_field": cfg.filter_field, **{f"columns.{k}": v for k, v in cfg.columns.items()}}
+            for what, column in wanted.items():
+                if column is not None and column not in dataset.column_names:
+                    raise UserError(f"{name}.{what}: column {column!r} not in {_described(cfg.path)} "
                                     f"(columns: {', '.join(dataset.column_names)})")
             _check_field_types(dataset, cfg, name)
             if cfg.filter_field is not None:
                 dataset = dataset.filter(lambda row: str(row[cfg.filter_field]) == cfg.filter_value)
-            rows = list(dataset)
+            rows = [{**row, **{k: row[v] for k, v in cfg.columns.items()}} for row in dataset]
         except UserError:
             raise
         except Exception as e:  # datasets and pyarrow raise many types for unreadable or unreachable data
             root = e  # datasets wraps the parser's error ("JSON parse error: ... in row 3") in a generic one
             while (root.__cause__ or root.__context__) is not None:
                 root = root.__cause__ or root.__context__
-            raise UserError(f"{name}.path: cannot load {cfg.path!r}: {exception_line(root)}") from e
+            raise UserError(f"{name}.path: cannot load {_described(cfg.path)!r}: {exception_line(root)}") from e
         finally:
             datasets.logging.set_verbosity(verbosity)
     if cfg.max_samples is not None:
         rows = rows[:cfg.max_samples]
     rows = [r for r in rows if _non_empty(r[cfg.prompt_field])]
     if not rows:
-        raise UserError(f"{name}.path: {cfg.path} has no non-empty prompts in column {cfg.prompt_field!r}"
-                        + (f" with {cfg.filter_field} = {cfg.filter_value!r}" if cfg.filter_field else ""))
+        raise UserError(f"{name}.path: {_described(cfg.path)} has no non-empty prompts in column "
+                        f"{cfg.prompt_field!r}" + (f" with {cfg.filter_field} = {cfg.filter_value!r}"
+                                                   if cfg.filter_field else ""))
     return rows
+
+
+def _load_dataset(cfg: DataConfig, name: str):
+    """The `datasets.Dataset` of the configured split: rows in memory, a save_to_disk directory, a local file, or
+    a hub dataset (its subset, revision and data files)."""
+    import datasets
+
+    if in_memory(cfg.path):
+        return cfg.path if not isinstance(cfg.path, list) else datasets.Dataset.from_list(cfg.path)
+    path = Path(cfg.path).expanduser()
+    if _saved_to_disk(path):
+        saved = datasets.load_from_disk(str(path))
+        splits = {"train": saved} if isinstance(saved, datasets.Dataset) else dict(saved)
+        try:
+            parts = datasets.ReadInstruction.from_spec(cfg.split).to_absolute({k: len(v) for k, v in splits.items()})
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{name}.split: {cfg.split!r} does not select from {cfg.path} (splits: "
+                            f"{', '.join(splits)}): {exception_line(e)}") from None
+        return datasets.concatenate_datasets([splits[p.splitname].select(range(p.from_, p.to)) for p in parts])
+    if path.is_file():
+        if path.suffix != ".parquet":
+            _check_text_file(path, name)
+        return datasets.load_dataset(_LOCAL_FORMATS[path.suffix], data_files=str(path), split=cfg.split)
+    return datasets.load_dataset(cfg.path, cfg.name, revision=cfg.revision, data_files=cfg.data_files,
+                                 split=cfg.split)
+
+
+def _described(path) -> str:
+    """A data source as the one-line errors name it."""
+    if in_memory(path):
+        return f"the {len(path)} rows given in memory"
+    return str(path)
 
 
 def _check_text_file(path: Path, name: str) -> None:
@@ -108,7 +142,7 @@ def _check_field_types(dataset, cfg: DataConfig, name: str) -> None:
     for what, column, allowed, description in checks:
         for row, value in enumerate(dataset[column], start=1):
             if not allowed(value):
-                raise UserError(f"{name}.{what}: row {row} of {cfg.path}: {column!r} is {_short(value)} "
+                raise UserError(f"{name}.{what}: row {row} of {_described(cfg.path)}: {column!r} is {_short(value)} "
                                 f"({type(value).__name__}); it must be {description}")
 
 
@@ -147,16 +181,27 @@ def _short(value) -> str:
 
 @dataclass
 class PromptSet:
-    """Tokenised prompts of one or more tasks: `task[i]` is the index (in the run's task list) of prompt i."""
+    """Tokenised prompts of one or more tasks: `task[i]` is the index (in the run's task list) of prompt i,
+    `columns[i]` its dataset row (every column, and the `columns` mapping's keywords: what reward functions read)."""
 
     ids: list[list[int]]
     texts: list[str]
     task: list[int]
     references: list[str | None]
     counts: dict[str, int] = field(default_factory=dict)  # truncated / dropped long prompts
+    columns: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def column_names(self, task: int) -> set[str]:
+        """The columns the rows of task `task` carry (the keywords its reward functions can be given)."""
+        return set().union(*(c for c, t in zip(self.columns, self.task, strict=True) if t == task))
+
+    def head(self, n: int | None) -> PromptSet:
+        """The first `n` prompts (all with None)."""
+        return PromptSet(self.ids[:n], self.texts[:n], self.task[:n], self.references[:n], self.counts,
+                         self.columns[:n])
 
     def fingerprint(self) -> str:
         """sha256 of the tokenised prompts and their tasks: a resumed run must see the same data."""
@@ -169,7 +214,8 @@ class PromptSet:
     def concat(sets: list[PromptSet]) -> PromptSet:
         counts = {k: sum(s.counts.get(k, 0) for s in sets) for k in ("truncated", "dropped")}
         return PromptSet([i for s in sets for i in s.ids], [t for s in sets for t in s.texts],
-                         [k for s in sets for k in s.task], [r for s in sets for r in s.references], counts)
+                         [k for s in sets for k in s.task], [r for s in sets for r in s.references], counts,
+                         [c for s in sets for c in s.columns])
 
 
 def leading_special_tokens(tokenizer) -> list[int]:
@@ -199,7 +245,7 @@ def build_prompt_set(cfg: DataConfig, tokenizer, task_index: int, name: str) -> 
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     plain_prefix = leading_special_tokens(tokenizer)
     limit = cfg.max_prompt_length
-    kept = PromptSet([], [], [], [], {"truncated": 0, "dropped": 0})
+    kept = PromptSet([], [], [], [], {"truncated": 0, "dropped": 0}, [])
     for row, prompt, text, ids in zip(rows, prompts, texts, encoded, strict=True):
         templated = uses_chat_template(prompt, cfg.chat_template)
         prefix = [] if templated else plain_prefix
@@ -219,6 +265,7 @@ def build_prompt_set(cfg: DataConfig, tokenizer, task_index: int, name: str) -> 
         kept.texts.append(text)
         kept.task.append(task_index)
         kept.references.append(row.get(cfg.reference_field) if cfg.reference_field else None)
+        kept.columns.append({k: v for k, v in row.items() if k not in REWARD_ARGUMENTS})
     if not kept.ids:
         raise UserError(f"{name}: every prompt is longer than max_prompt_length={cfg.max_prompt_length} "
                         "and was dropped")

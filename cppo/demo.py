@@ -224,7 +224,7 @@ def pairwise_accuracy(reward_dir: Path, pairs: list[dict]) -> float:
     """Share of held-out pairs whose chosen answer the reward model scores higher, through the same
     scoring path PPO uses (`cppo.rewards.ModelReward`)."""
     from .config import ModelConfig
-    from .rewards import ModelReward
+    from .rewards import ModelReward, RewardBatch
 
     tokenizer = load_tokenizer(str(reward_dir))
     model = load_frozen("AutoModelForSequenceClassification", str(reward_dir), ModelConfig(), tokenizer.pad_token_id,
@@ -234,8 +234,8 @@ def pairwise_accuracy(reward_dir: Path, pairs: list[dict]) -> float:
     def scores(key: str) -> torch.Tensor:
         texts = [p["prompt"] + p[key] + tokenizer.eos_token for p in pairs]
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return reward([p["prompt"] for p in pairs], [p[key] for p in pairs], encoded["input_ids"],
-                      encoded["attention_mask"])
+        return reward(RewardBatch([p["prompt"] for p in pairs], [p[key] for p in pairs], [], {}, encoded["input_ids"],
+                                  encoded["attention_mask"]))
 
     return (scores("chosen") > scores("rejected")).float().mean().item()
 

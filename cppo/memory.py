@@ -26,7 +26,6 @@ from .config import CPPOConfig, MemoryConfig
 from .data import left_pad
 from .engine import SeedKey
 from .outputs import replace_text
-from .rewards import RunningMoments, process_scores
 from .weighting import HIGH_PERFORMANCE, batch_stats, heuristic_weights
 
 
@@ -297,16 +296,21 @@ def build(trainer, task_index: int, cfg: MemoryConfig, ccfg: CPPOConfig, seed: i
         local.append({"prompt_ids": sampled.prompt_ids[row][sampled.prompt_mask[row].bool()].tolist(),
                       "response_ids": sampled.response_ids[row, :n].tolist(),
                       "logprobs": sampled.logprobs[row, :n].float().tolist(),
-                      "raw": float(raw[row]), "stopped": bool(sampled.stopped[row])})
+                      "raw": raw[row].tolist(), "stopped": bool(sampled.stopped[row])})
     everything = gather_object(local) if acc.num_processes > 1 else local
 
-    finite = [r for r in everything if math.isfinite(r["raw"]) and all(map(math.isfinite, r["logprobs"]))]
-    reward_config = trainer.stage.reward_configs[task_index]
+    task_reward = trainer.rewards[task_index]
+    finite = [math.isfinite(sum(r["raw"])) and all(map(math.isfinite, r["logprobs"])) for r in everything]
+    grouped = any(c.normalize == "group" for c in task_reward.configs)
+    if grouped:  # a group of build_samples answers to one prompt is normalised whole, or left out whole
+        size = cfg.build_samples
+        finite = [all(finite[g - g % size:g - g % size + size]) for g in range(len(finite))]
+    finite = [r for r, ok in zip(everything, finite, strict=True) if ok]
     # Processed like the task's rollouts; running moments continue from the task's, on a copy.
-    moments = RunningMoments()
-    moments.load_state_dict(trainer.score_moments[task_index].state_dict())
-    reward = process_scores(torch.tensor([r["raw"] for r in finite]), torch.tensor([r["stopped"] for r in finite]),
-                            reward_config, moments, bool(trainer.stop_token_ids))
+    reward = task_reward.combine(torch.tensor([r["raw"] for r in finite]).reshape(len(finite), -1),
+                                 torch.tensor([r["stopped"] for r in finite], dtype=torch.bool),
+                                 bool(trainer.stop_token_ids), cfg.build_samples if grouped else 1,
+                                 task_reward.copied_moments())
     logprob_mean = torch.tensor([sum(r["logprobs"]) / max(len(r["logprobs"]), 1) for r in finite])
     _, beta, types = heuristic_weights(logprob_mean, reward, ccfg.k, ccfg.lb, ccfg.ub, "heuristic")
     keep = keep_mask(logprob_mean, reward, ccfg.k, cfg.select, types)

@@ -1,6 +1,6 @@
 """Every key `cppo` logs, with its meaning and unit: docs/reference/metrics.md is generated from this table,
 and a test checks that every key a run logs is in it. `<task>` stands for a task's name, `<kind>` for a
-score kind of the evaluation matrix (`reward`, `rouge_l`).
+score kind of the evaluation matrix (`reward`, `rouge_l`), `<source>` for a reward source's name.
 
 Where: `step` lines go to metrics.jsonl and the trackers (wandb, tensorboard) once per PPO step; `extra` keys go
 to the trackers at a task's end (the rollout memory's build); `eval` keys to the trackers after each task;
@@ -23,11 +23,13 @@ _STEP = [
     ("step", "steps", "the global PPO step (over every task of the run)"),
     ("task", "name", "the task being trained"),
     ("task_step", "steps", "the step within the task"),
-    ("reward/mean", "reward", "mean raw score of the step's rollouts (before clipping, normalisation and KL), "
-                              "over the global batch"),
+    ("reward/mean", "reward", "mean raw score of the step's rollouts (before clipping, normalisation and KL; "
+                              "several sources: their weighted sum), over the global batch"),
     ("reward/std", "reward", "standard deviation of the raw scores over the global batch"),
     ("reward/score_mean", "reward", "mean score after the reward's clipping, normalisation and missing-EOS penalty"),
     ("reward/shaped_mean", "reward", "mean score less c_kl × the sequence KL: what the KL-shaped rewards add up to"),
+    ("reward/<source>", "reward", "mean raw score of the reward source named <source> over the rollouts it scored "
+                                  "(a task's reward is the weighted sum of its sources'; reward/mean is that sum's)"),
     ("kl/mean", "nats", "mean sequence KL of the rollouts to the KL reference (sum over response tokens); not "
                         "logged where no KL is measured before the update (ppo.kl_coef 0, or GRPO's KL as a loss "
                         "term on one on-policy update: loss/kl measures it)"),
@@ -35,6 +37,8 @@ _STEP = [
     ("loss/policy", "loss", "the clipped policy loss (α-weighted with CPPO), mean over the step's updates"),
     ("loss/value", "loss", "the clipped value loss (with a critic)"),
     ("loss/kl", "loss", "GRPO's k3 KL term (ppo.kl_in: loss)"),
+    ("loss/entropy", "loss", "token mean of the policy's entropy, the bonus of ppo.entropy_coef (enters the loss "
+                             "as −entropy_coef × it)"),
     ("loss/kr", "loss", "CPPO's knowledge-retention term KR on the current rollouts"),
     ("loss/memory", "loss", "the rollout memory's term KR_mem (or its replay loss)"),
     ("loss/reg", "loss", "the continual baseline's penalty (L2, EWC, MAS, LwF)"),
@@ -49,6 +53,9 @@ _STEP = [
     ("response/stopped_frac", "fraction", "share of responses that ended with a stop token"),
     ("response/tokens", "tokens", "response tokens of the step over every process"),
     ("lr", "learning rate", "the policy's learning rate after the step"),
+    ("dynamic_sampling/rounds", "rounds", "rounds of sampling the step took (generation.dynamic_sampling)"),
+    ("dynamic_sampling/filtered", "groups", "prompt groups drawn whose raw rewards all agreed, over the rounds"),
+    ("dynamic_sampling/filled", "groups", "of them, groups that filled a batch still short after the last round"),
     ("cppo/frac_r1", "fraction", "share of the batch of type r1 (high-performance)"),
     ("cppo/frac_r2", "fraction", "share of type r2 (overfitting)"),
     ("cppo/frac_r3", "fraction", "share of type r3 (high-variance)"),
@@ -95,10 +102,14 @@ _EXTRA = [
     ("memory/size/<task>", "entries", "entries of task <task> it holds after the task"),
 ]
 _EVAL = [("eval/<task>/<kind>", "score", "the evaluation score of task <task> after the task just trained "
-                                         "(a row of the matrix S)")]
+                                         "(a row of the matrix S)"),
+         ("eval/<task>/reward/<source>", "score", "with several reward sources: source <source>'s mean raw score "
+                                                  "on task <task>'s evaluation set")]
 _SUMMARY = [(f"summary/<kind>/{name}", "score", meaning) for name, meaning in (
     ("final_average", "final average of S's last row"), ("forgetting", "forgetting (docs/algorithm.md §7)"),
-    ("bwt", "backward transfer"), ("fwt", "forward transfer"), ("plasticity", "plasticity"))]
+    ("bwt", "backward transfer"), ("fwt", "forward transfer"), ("plasticity", "plasticity"))] + [
+    (f"summary/reward/<source>/{name}", "score", f"{name} of the matrix of one reward source (several sources)")
+    for name in ("final_average", "forgetting", "bwt", "fwt", "plasticity")]
 
 METRICS = [Metric(key, where, unit, meaning) for where, rows in (("step", _STEP), ("extra", _EXTRA),
                                                                   ("eval", _EVAL), ("summary", _SUMMARY))
@@ -111,6 +122,6 @@ def documented(key: str, where: str = "step") -> bool:
     for metric in METRICS:
         pattern = metric.key.split("/")
         if metric.where == where and len(pattern) == len(parts) and all(
-                p == k or p in ("<task>", "<kind>") for p, k in zip(pattern, parts, strict=True)):
+                p == k or p in ("<task>", "<kind>", "<source>") for p, k in zip(pattern, parts, strict=True)):
             return True
     return False

@@ -31,17 +31,20 @@ class NonFiniteGuard:
             per_token["value estimates of the critic"] = batch.old_values
         if batch.anchor_logprobs is not None:
             per_token["log-probs of the previous task's policy"] = batch.anchor_logprobs
-        bad_score = ~torch.isfinite(batch.raw_scores)
-        counts = torch.stack([*((bad_score & (batch.task == j)).sum() for j in range(len(self.rewards))),
+        sources = batch.raw_scores.unsqueeze(1) if batch.source_scores is None else batch.source_scores
+        bad_score = ~torch.isfinite(sources)  # (B, K)
+        scorers = [(j, k) for j, reward in enumerate(self.rewards) for k in range(len(reward.sources))]
+        counts = torch.stack([*((bad_score[:, k] & (batch.task == j)).sum() for j, k in scorers),
                               *((~torch.isfinite(x) & real).any(-1).sum() for x in per_token.values())]).float()
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         counts = [int(c) for c in counts.tolist()]
         total, where = self.ppo.rollout_batch_size, f"step {step}"
-        for j, count in enumerate(counts[:len(self.rewards)]):
+        for (j, k), count in zip(scorers, counts, strict=False):
             if count:
-                return f"{where}: {self.rewards[j]} returned a non-finite score for {count} of {total} rollouts"
-        for name, count in zip(per_token, counts[len(self.rewards):], strict=True):
+                return (f"{where}: {self.rewards[j].sources[k]} returned a non-finite score for {count} of {total} "
+                        "rollouts")
+        for name, count in zip(per_token, counts[len(scorers):], strict=True):
             if count:
                 return f"{where}: the {name} are non-finite in {count} of {total} rollouts"
         return None

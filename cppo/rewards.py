@@ -1,27 +1,67 @@
-"""Reward sources behind one interface: `reward(prompts, completions, input_ids, attention_mask[, prompt_width])
--> (B,)` (`prompt_width`: the prompt columns of `input_ids`, where they are known).
+"""Reward sources and a task's reward.
 
-Either a sequence-classification reward model (its first logit, as its own `forward` computes it) or a Python
-callable `f(prompts, completions) -> list[float]`. Both return raw scores; clipping, normalisation
-and the missing-EOS penalty are applied by the trainer.
+A source scores a `RewardBatch` (the prompts, the completions, their token ids and the prompts' dataset columns)
+into raw scores (B,): a sequence-classification reward model (its first logit, as its own `forward` computes it)
+or a Python function `f(prompts, completions, **keywords) -> list[float]`, plain or `async def`. A task's reward
+(`TaskReward`) is the weighted sum of its sources' scores, each processed by its own settings (normalisation, the
+missing-EOS penalty, clipping) first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
 import math
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import RewardConfig
+from .config import REWARD_ARGUMENTS, RewardConfig
 from .errors import UserError, exception_line
 from .models import is_causal_type, load_frozen, load_tokenizer, resolve_model_source, same_tokenizer
 from .modules import backbone_of, position_ids_from_mask, response_forward, scalar_head
+
+
+@dataclass
+class RewardBatch:
+    """What a reward source reads of B responses to their prompts."""
+
+    prompts: list[str]  # each prompt as the policy read it (its chat template applied)
+    completions: list[str]  # each response decoded, special tokens skipped
+    completion_ids: list[list[int]]  # each response's token ids, up to and including its stop token
+    columns: dict[str, list]  # the prompts' dataset columns (and `data.columns` keywords): B values each
+    input_ids: torch.Tensor  # (B, P + R) left-padded prompt, then the right-padded response
+    attention_mask: torch.Tensor  # (B, P + R)
+    prompt_width: int | None = None  # P, where the prompt columns are known (ppo.share_prompts)
+
+    @staticmethod
+    def of(prompts, indices: list[int], tokenizer, sequences, prompt_width: int | None = None) -> RewardBatch:
+        """The batch of the responses in `sequences` (a `PromptAndResponse`: prompt_ids, response_ids and
+        their masks) to the prompts `indices` of the PromptSet `prompts`."""
+        lengths = sequences.response_mask.sum(-1).tolist()
+        ids = sequences.response_ids.tolist()
+        rows = [prompts.columns[i] if prompts.columns else {} for i in indices]
+        names = set().union(*rows)
+        return RewardBatch(prompts=[prompts.texts[i] for i in indices],
+                           completions=tokenizer.batch_decode(sequences.response_ids, skip_special_tokens=True),
+                           completion_ids=[row[:n] for row, n in zip(ids, lengths, strict=True)],
+                           columns={name: [row.get(name) for row in rows] for name in sorted(names)},
+                           input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
+                           prompt_width=prompt_width)
+
+    def rows(self, index: list[int]) -> RewardBatch:
+        """Rows `index` of the batch."""
+        tensor_index = torch.tensor(index, dtype=torch.long, device=self.input_ids.device)
+        return RewardBatch([self.prompts[i] for i in index], [self.completions[i] for i in index],
+                           [self.completion_ids[i] for i in index],
+                           {k: [v[i] for i in index] for k, v in self.columns.items()},
+                           self.input_ids[tensor_index], self.attention_mask[tensor_index], self.prompt_width)
 
 
 def import_reward_function(spec: str) -> Callable:
@@ -49,22 +89,104 @@ def import_reward_function(spec: str) -> Callable:
 
 
 class CallableReward:
-    """Scores from a user function of the decoded prompts and completions."""
+    """Scores from a user function of the prompts and completions. Called by keyword when its parameters name
+    `prompts` or `completions` (as TRL's reward functions are), else with those two positionally; either way it
+    gets, by keyword, those of `completion_ids` and the dataset's columns that it names (all of them if it takes
+    `**kwargs`). An `async def` function is called on `rows_per_call` rows at a time, `max_concurrency` calls at
+    once, each within `timeout` seconds, on an event loop of its own thread."""
 
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.function = import_reward_function(spec)
+    def __init__(self, cfg: RewardConfig):
+        self.cfg, self.spec = cfg, cfg.function
+        self.function = import_reward_function(cfg.function)
+        parameters = inspect.signature(self.function).parameters.values()
+        self.takes_everything = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        self.by_keyword = any(p.name in ("prompts", "completions") for p in named)
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        first_two = set() if self.by_keyword else {p.name for p in positional[:2]}
+        self.keywords = {p.name for p in named} - first_two
+        self.required = {p.name for p in named if p.default is p.empty} - first_two
+        self.is_async = inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
+            type(self.function).__call__)  # a callable object with an `async def __call__`
 
-    def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
+    def check_arguments(self, columns: set[str], where: str) -> None:
+        """One line if the function requires a keyword that neither cppo nor the prompts' columns provide."""
+        missing = sorted(self.required - set(REWARD_ARGUMENTS) - columns)
+        if missing:
+            raise UserError(f"{where}: reward function {self.spec} requires {', '.join(map(repr, missing))}, which "
+                            f"is not a column of the prompts (columns: {', '.join(sorted(columns)) or 'none'}; map "
+                            f"one with prompts.columns, e.g. {{{missing[0]}: <column>}})")
+
+    def __call__(self, batch: RewardBatch) -> torch.Tensor:
+        if not self.is_async:
+            return check_scores(self._call(batch), len(batch.completions), str(self))
+        return torch.cat(_event_loop().run(self._concurrently(batch)))
+
+    def _call(self, batch: RewardBatch):
+        """The function's result on `batch` (a coroutine for an async function)."""
+        offered = {"prompts": batch.prompts, "completions": batch.completions,
+                   "completion_ids": batch.completion_ids,
+                   **{k: v for k, v in batch.columns.items() if k not in REWARD_ARGUMENTS}}
+        keywords = {k: v for k, v in offered.items() if self.takes_everything or k in self.keywords}
         try:
-            values = self.function(list(prompts), list(completions))
+            if self.by_keyword:
+                return self.function(**keywords)
+            keywords.pop("prompts", None), keywords.pop("completions", None)
+            return self.function(list(batch.prompts), list(batch.completions), **keywords)
         except Exception as e:  # the user's code: a failing scorer server, a bug
-            raise UserError(f"reward function {self.spec} raised {exception_line(e)}") from e
-        return check_scores(values, len(completions), f"reward function {self.spec}")
+            raise UserError(f"{self} raised {exception_line(e)}") from e
+
+    async def _concurrently(self, batch: RewardBatch) -> list[torch.Tensor]:
+        limit = asyncio.Semaphore(self.cfg.max_concurrency)
+        size, timeout = self.cfg.rows_per_call, self.cfg.timeout
+
+        async def one(start: int) -> torch.Tensor:
+            rows = list(range(start, min(start + size, len(batch.completions))))
+            async with limit:
+                try:
+                    values = await asyncio.wait_for(self._call(batch.rows(rows)), timeout)
+                except TimeoutError:
+                    raise UserError(f"{self} timed out after {timeout:g} s (reward.timeout) on rows "
+                                    f"{rows[0] + 1}-{rows[-1] + 1} of {len(batch.completions)}") from None
+                except UserError:
+                    raise
+                except Exception as e:  # raised while awaited
+                    raise UserError(f"{self} raised {exception_line(e)}") from e
+            return check_scores(values, len(rows), str(self))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                calls = [group.create_task(one(s)) for s in range(0, len(batch.completions), size)]
+        except* UserError as failures:  # the first failure ends the others
+            raise failures.exceptions[0] from None
+        return [call.result() for call in calls]
 
     def __str__(self) -> str:
         return f"reward function {self.spec}"
+
+
+class _EventLoop:
+    """One asyncio event loop in a daemon thread, for every async reward function of the process: it works the
+    same under a caller that runs a loop of its own (a notebook), and clients bound to it survive between steps."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="cppo-rewards", daemon=True).start()
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+
+_LOOP: _EventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> _EventLoop:
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = _EventLoop()
+        return _LOOP
 
 
 def check_scores(values, expected: int, source: str) -> torch.Tensor:
@@ -109,9 +231,10 @@ class ModelReward:
         tokenizer.truncation_side = "left"
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
+    def __call__(self, batch: RewardBatch) -> torch.Tensor:
         device = next(self.model.parameters()).device
+        prompts, completions, prompt_width = batch.prompts, batch.completions, batch.prompt_width
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
         if self.share_prompts and prompt_width is not None:
             return torch.cat([self.pooled_scores(input_ids[s:s + self.batch_size].to(device),
                                                  attention_mask[s:s + self.batch_size].to(device), prompt_width)
@@ -177,20 +300,132 @@ class RunningMoments:
 
 
 def process_scores(raw: torch.Tensor, stopped: torch.Tensor, cfg: RewardConfig, moments: RunningMoments,
-                   has_stop_token: bool) -> torch.Tensor:
-    """Raw scores of one task's rollouts (the global batch's) → normalised (batch or running moments)
-    → minus the missing-EOS penalty → clipped. (B,) -> (B,) float32."""
+                   has_stop_token: bool, group_size: int = 1) -> torch.Tensor:
+    """One source's raw scores of one task's rollouts (the global batch's, prompt groups of `group_size`
+    contiguous) → normalised (over the batch, with running moments, or within each group) → minus the missing-EOS
+    penalty → clipped. (B,) -> (B,) float32."""
     scores = raw.float()
     if cfg.normalize == "batch" and scores.numel() > 1:
         scores = (scores - scores.mean()) / (scores.std() + 1e-8)
     elif cfg.normalize == "running":
         moments.update(scores)
         scores = (scores - moments.mean) / (moments.std + 1e-8)
+    elif cfg.normalize == "group":
+        grouped = scores.view(-1, group_size)
+        scores = ((grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-8)).flatten()
     if cfg.missing_eos_penalty is not None and has_stop_token:
         scores = scores - cfg.missing_eos_penalty * (~stopped).float()
     if cfg.clip is not None:
         scores = scores.clamp(-cfg.clip, cfg.clip)
     return scores
+
+
+class TaskReward:
+    """A task's reward (docs/algorithm.md §2): R = Σ_k w_k · processed_k, each source's raw scores processed by its own
+    settings (`process_scores`) first. Raw scores are (B, K), column k the k-th source's; with one source of
+    weight 1, R is that source's processed score exactly. Each trainer has its own (the running moments are a
+    task's), over the sources the run's `RewardBank` holds."""
+
+    def __init__(self, configs: list[RewardConfig], sources: list):
+        self.configs, self.sources = configs, sources
+        self.names = [cfg.label for cfg in configs]
+        self.weights = torch.tensor([cfg.weight for cfg in configs], dtype=torch.float32)
+        self.moments = [RunningMoments() for _ in configs]
+
+    def __call__(self, batch: RewardBatch) -> torch.Tensor:
+        """Raw scores (B, K) of every source."""
+        return torch.stack([source(batch).float().cpu() for source in self.sources], dim=1)
+
+    def total(self, raw: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k · raw_k, (B, ≥K) -> (B,): the raw reward (one source of weight 1: its raw score)."""
+        raw = raw[:, :len(self.sources)].float()
+        return raw[:, 0] if self.weights.tolist() == [1.0] else raw @ self.weights.to(raw.device)
+
+    def combine(self, raw: torch.Tensor, stopped: torch.Tensor, has_stop_token: bool, group_size: int = 1,
+                moments: list[RunningMoments] | None = None) -> torch.Tensor:
+        """R of rollouts with raw scores `raw` (B, ≥K) (every process's rows, groups contiguous), updating
+        `moments` (the task's own by default). -> (B,) float32."""
+        moments = self.moments if moments is None else moments
+        reward = None
+        for k, cfg in enumerate(self.configs):
+            part = process_scores(raw[:, k], stopped, cfg, moments[k], has_stop_token, group_size)
+            part = part if cfg.weight == 1.0 else cfg.weight * part
+            reward = part if reward is None else reward + part
+        return reward
+
+    def copied_moments(self) -> list[RunningMoments]:
+        copies = [RunningMoments() for _ in self.moments]
+        for copy, moments in zip(copies, self.moments, strict=True):
+            copy.load_state_dict(moments.state_dict())
+        return copies
+
+    def state_dict(self) -> list[dict[str, float]]:
+        return [m.state_dict() for m in self.moments]
+
+    def load_state_dict(self, state: list[dict[str, float]] | dict[str, float]) -> None:
+        for moments, saved in zip(self.moments, state if isinstance(state, list) else [state], strict=True):
+            moments.load_state_dict(saved)
+
+    def __str__(self) -> str:
+        return " + ".join(map(str, self.sources)) if len(self.sources) > 1 else str(self.sources[0])
+
+
+class StageRewards:
+    """The rewards of a stage's tasks by task index (`PromptSet.task`): scores rollouts of any mix of them, each
+    by its own task's reward, and turns raw scores into R."""
+
+    def __init__(self, tasks: list[TaskReward]):
+        self.tasks = tasks
+
+    def __getitem__(self, task: int) -> TaskReward:
+        return self.tasks[task]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def score(self, prompts, indices: list[int], tokenizer, sequences, task: torch.Tensor) -> torch.Tensor:
+        """Raw scores of the responses in `sequences` (a `PromptAndResponse`) to the prompts `indices` of the
+        PromptSet `prompts`, whose tasks are `task` (B,): (B, K), K the most sources of a task (columns past a
+        task's own: 0)."""
+        batch = RewardBatch.of(prompts, indices, tokenizer, sequences, sequences.prompt_ids.shape[1])
+        raw = torch.zeros(len(indices), max(len(t.sources) for t in self.tasks), device=task.device)
+        for j in task.unique().tolist():
+            rows = (task == j).nonzero().flatten()
+            raw[rows, :len(self.tasks[j].sources)] = self.tasks[j](batch.rows(rows.tolist())).to(task.device)
+        return raw
+
+    def totals(self, raw: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Each row's raw reward Σ_k w_k · raw_k by its task's weights: (B, K) -> (B,)."""
+        totals = torch.zeros(raw.shape[0], device=raw.device)
+        for j in task.unique().tolist():
+            totals[task == j] = self.tasks[j].total(raw[task == j]).to(raw.device)
+        return totals
+
+    def combine(self, raw: torch.Tensor, stopped: torch.Tensor, task: torch.Tensor, has_stop_token: bool,
+                group_size: int) -> torch.Tensor:
+        """R of every process's rollouts (B, K) -> (B,) float32, each task's by its `TaskReward.combine`."""
+        scores = torch.zeros(raw.shape[0], dtype=torch.float32, device=raw.device)
+        for j in task.unique().tolist():
+            rows = task == j
+            scores[rows] = self.tasks[j].combine(raw[rows], stopped[rows], has_stop_token, group_size).to(raw.device)
+        return scores
+
+    def source_means(self, raw: torch.Tensor, task: torch.Tensor) -> dict[str, float]:
+        """`reward/<name>`: each source's mean raw score over the rows it scored (raw (B, K) and task (B,) of every
+        process)."""
+        scored: dict[str, list[torch.Tensor]] = {}
+        for j in task.unique().tolist():
+            rows = raw[task == j]
+            for k, name in enumerate(self.tasks[j].names):
+                scored.setdefault(name, []).append(rows[:, k])
+        return {f"reward/{name}": torch.cat(parts).float().mean().item() for name, parts in sorted(scored.items())}
+
+    def state_dict(self) -> list:
+        return [task.state_dict() for task in self.tasks]
+
+    def load_state_dict(self, state: list) -> None:
+        for task, saved in zip(self.tasks, state, strict=True):
+            task.load_state_dict(saved)
 
 
 class RewardBank:
@@ -202,15 +437,29 @@ class RewardBank:
         self.share_prompts = share_prompts  # ppo.share_prompts
         self._sources: dict[tuple, object] = {}
 
+    def task_reward(self, configs: list[RewardConfig]) -> TaskReward:
+        """A fresh reward of the sources `configs` (moments at zero)."""
+        return TaskReward(configs, [self.get(cfg) for cfg in configs])
+
+    def stage_rewards(self, configs_by_task: list[list[RewardConfig]]) -> StageRewards:
+        return StageRewards([self.task_reward(configs) for configs in configs_by_task])
+
+    def check_arguments(self, configs: list[RewardConfig], columns: set[str], where: str) -> None:
+        """Each reward function of `configs` can be called with the columns `columns` (no model is loaded)."""
+        for index, cfg in enumerate(configs):
+            if cfg.function is not None:
+                self.get(cfg).check_arguments(columns, f"{where}[{index}]" if len(configs) > 1 else where)
+
     def get(self, cfg: RewardConfig):
-        key = ("model", cfg.model, cfg.batch_size) if cfg.model is not None else ("function", cfg.function)
+        key = ("model", cfg.model, cfg.batch_size) if cfg.model is not None else (
+            "function", cfg.function, cfg.rows_per_call, cfg.max_concurrency, cfg.timeout)
         if key not in self._sources:
             self._sources[key] = self._build(cfg)
         return self._sources[key]
 
     def _build(self, cfg: RewardConfig):
         if cfg.function is not None:
-            return CallableReward(cfg.function)
+            return CallableReward(cfg)
         source = resolve_model_source(cfg.model, "reward.model")
         tokenizer = load_tokenizer(source, self.model_cfg.trust_remote_code)
         model = load_frozen("AutoModelForSequenceClassification", source, self.model_cfg, tokenizer.pad_token_id,

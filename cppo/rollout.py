@@ -26,6 +26,16 @@ class PromptAndResponse:
 
 
 @dataclass
+class Sequences(PromptAndResponse):
+    """B left-padded prompts (B, P) and their right-padded responses (B, R), with their masks."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+
+@dataclass
 class Rollout(PromptAndResponse):
     """One process's share of a rollout batch. B rollouts, P prompt columns (left-padded), R response
     columns (right-padded; `response_mask` marks the tokens up to and including the stop token)."""
@@ -39,11 +49,12 @@ class Rollout(PromptAndResponse):
     ref_logprobs: torch.Tensor | None  # (B, R) log π_ref of each response token (None: nothing reads them)
     old_values: torch.Tensor | None  # (B, R) critic's values at rollout time (None: critic-free, docs/algorithm.md §9)
     entropy: torch.Tensor | None  # (B, R) entropy of π_roll at each response position (None: not computed)
-    raw_scores: torch.Tensor  # (B,) reward before clipping, normalisation and KL shaping
+    raw_scores: torch.Tensor  # (B,) raw reward Σ_k w_k raw_k of the task's sources (one source: its raw score)
     task: torch.Tensor | None = None  # (B,) index of each prompt's task (each is scored by its own reward)
     anchor_logprobs: torch.Tensor | None = None  # (B, R) log π_{t−1}, when π_{t−1} is not the reference
     engine_logprobs: torch.Tensor | None = None  # (B, R) the vLLM engine's sampling log-probs
     is_weights: torch.Tensor | None = None  # (B, R) truncated importance weights min(π_roll/π_vllm, cap)
+    source_scores: torch.Tensor | None = None  # (B, K) each reward source's raw score (None: `raw_scores` is the one)
     # Filled in by the trainer after the rollout:
     scores: torch.Tensor | None = None  # (B,) reward after clipping / normalisation / EOS penalty
     advantages: torch.Tensor | None = None  # (B, R)
@@ -130,6 +141,31 @@ def response_values(value_model: nn.Module, input_ids: torch.Tensor, attention_m
     values = [token_scalars(value_model, input_ids[s:s + chunk], attention_mask[s:s + chunk], response_length,
                             share_prompts) for s in range(0, input_ids.shape[0], chunk)]
     return torch.cat(values)
+
+
+@dataclass
+class RolloutPasses:
+    """The no-grad passes over a rollout's sequences besides the policy's own: each (B, R), None where not run."""
+
+    ref_logprobs: torch.Tensor | None
+    old_values: torch.Tensor | None
+    anchor_logprobs: torch.Tensor | None
+
+
+def rollout_passes(sequences: PromptAndResponse, reference: nn.Module | None, value_model: nn.Module | None,
+                   anchor: nn.Module | None, temperature: float, chunk: int, share_prompts: bool,
+                   vocab_chunk: int | None) -> RolloutPasses:
+    """The reference's and π_{t−1}'s log-probs and the critic's values of the responses, each where its model is
+    given (None: that pass is skipped), `chunk` rows at a time (ppo.forward_batch_size, ppo.share_prompts,
+    ppo.logprob_chunk_size as in `response_logprobs`)."""
+    ids, mask, responses = sequences.input_ids, sequences.attention_mask, sequences.response_ids
+    ref_logprobs = None if reference is None else response_logprobs(
+        reference, ids, mask, responses, temperature, chunk, share_prompts=share_prompts, vocab_chunk=vocab_chunk)[0]
+    old_values = None if value_model is None else response_values(value_model, ids, mask, responses.shape[1], chunk,
+                                                                  share_prompts)
+    anchor_logprobs = None if anchor is None else response_logprobs(
+        anchor, ids, mask, responses, temperature, chunk, share_prompts=share_prompts, vocab_chunk=vocab_chunk)[0]
+    return RolloutPasses(ref_logprobs, old_values, anchor_logprobs)
 
 
 def rollout_stats(batch: Rollout, sequence_kl: torch.Tensor, kl_coef: float, gather_rows: Callable,

@@ -41,9 +41,8 @@ def check_sources(config: Config) -> None:
     for name in ("tokenizer", "value_model") if config.uses_critic else ("tokenizer",):
         if getattr(config.model, name) is not None:
             resolve_model_source(getattr(config.model, name), f"model.{name}")
-    rewards = [(f"tasks[{i}].reward", t.reward) for i, t in enumerate(config.tasks)]
-    if config.eval_reward is not None:
-        rewards.append(("eval_reward", config.eval_reward))
+    rewards = [(f"tasks[{i}].reward", r) for i, t in enumerate(config.tasks) for r in t.rewards]
+    rewards += [("eval_reward", r) for r in config.eval_rewards or []]
     for name, reward in rewards:
         if reward.model is not None:
             resolve_model_source(reward.model, f"{name}.model")
@@ -197,7 +196,7 @@ def critic_source(config: Config) -> tuple[str, str]:
     if mcfg.value_model is not None:
         return "model.value_model", mcfg.value_model
     if mcfg.value_init == "reward_model":
-        return "model.value_init", config.tasks[0].reward.model
+        return "model.value_init", config.tasks[0].rewards[0].model
     return "model.policy", mcfg.policy
 
 
@@ -244,7 +243,7 @@ class Stage:
 
     name: str
     prompts: PromptSet
-    reward_configs: list  # RewardConfig per task index (PromptSet.task)
+    reward_configs: list  # each task's reward sources (RewardConfig list) by task index (PromptSet.task)
     steps: int
     policy: str  # where the policy starts: π_{t−1}
     value_model: str | None  # where the critic starts (None: critic-free, docs/algorithm.md §9)
@@ -278,7 +277,7 @@ def first_stage(session: Session, output_dir: Path | None = None, prompts: Promp
     field, value = critic_source(config)
     critic = resolve_model_source(value, field) if config.uses_critic else None
     return Stage(name=config.tasks[0].name, prompts=prompts or task_prompts(session, 0),
-                 reward_configs=[t.reward for t in config.tasks], steps=config.tasks[0].budget(config.ppo),
+                 reward_configs=[t.rewards for t in config.tasks], steps=config.tasks[0].budget(config.ppo),
                  policy=session.initial_policy, value_model=critic,
                  reference=session.initial_policy, anchor=None,
                  output_dir=output_dir or Path(config.output_dir))

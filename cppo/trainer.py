@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from . import core, perf
 from .checkpoint import check_stage_state, failpoint, restore_rng, rng_state
 from .data import PromptStream, left_pad
+from .dynamic_sampling import informative_groups
 from .engine import Generated, SeedKey
 from .errors import UserError
 from .models import load_frozen, load_policy, load_value_model, save_models
@@ -25,13 +26,12 @@ from .modules import ActorCritic
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler
 from .outputs import writing
-from .rewards import RunningMoments, process_scores
 from .rollout import (
     PromptAndResponse,
     Rollout,
     Sampled,
     response_logprobs,
-    response_values,
+    rollout_passes,
     rollout_stats,
     stack_sequences,
 )
@@ -62,8 +62,7 @@ class PPOTrainer:
         self.device = session.device
         mcfg = config.model
         self.prompt_stream = PromptStream(len(stage.prompts), config.seed)
-        self.rewards = [session.rewards.get(cfg) for cfg in stage.reward_configs]
-        self.score_moments = [RunningMoments() for _ in stage.reward_configs]
+        self.rewards = session.rewards.stage_rewards(stage.reward_configs)
 
         pad = self.tokenizer.pad_token_id
         policy = load_policy(stage.policy, mcfg, pad)
@@ -93,11 +92,10 @@ class PPOTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self.step_in_stage = 0
         self.engine_stats: dict[str, float] = {}  # the engine's own timings in the last rollout
+        self.source_stats: dict[str, float] = {}  # the last rollout's reward/<name> (`process_scores`)
         self.last_stats: dict[str, float] = {}  # the stage's last step's stats (the run's summary takes them)
         if regularizer is not None:
             regularizer.task_start(self)
-
-    # ------------------------------------------------------------------------------------------ setup
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -157,12 +155,16 @@ class PPOTrainer:
         if core.whitens(pcfg.advantage, pcfg.whiten_advantages):
             batch.advantages = self.whiten(batch.advantages, batch.response_mask)
         weight_stats = self.prepare_losses(batch, kl)
+        if pcfg.mask_truncated:  # a response cut at max_new_tokens leaves the policy loss (docs/algorithm.md §10)
+            weights = batch.loss_weights["policy"]
+            batch.loss_weights["policy"] = batch.stopped.float() * (1.0 if weights is None else weights)
         failpoint(f"step:{self.global_step + 1}:mid")
         train_start = time.perf_counter()
         train_stats = self.optimise(batch)
         sequence_kl = (kl * batch.response_mask).sum(-1)
         stats = rollout_stats(batch, sequence_kl, self.kl_coef, self.backend.gather_rows, measured)
         stats.update({k: float(v) for k, v in self.engine_stats.items()})
+        stats.update(self.source_stats)
         if measured:
             self.update_kl_coef(stats["kl/mean"])
         end = time.perf_counter()
@@ -185,36 +187,31 @@ class PPOTrainer:
         pcfg, gcfg = self.config.ppo, self.config.generation
         acc = self.accelerator
         group = gcfg.num_generations  # G responses to each prompt, contiguous rows (docs/algorithm.md §9)
-        prompts = self.prompt_stream.next_indices(pcfg.rollout_batch_size // group, acc.process_index,
-                                                  acc.num_processes)
-        indices = [i for i in prompts for _ in range(group)]
-        chunk, share, vocab = pcfg.forward_batch_size or len(indices), pcfg.share_prompts, pcfg.logprob_chunk_size
-        temperature = gcfg.temperature
+        chunk, share, vocab = pcfg.forward_batch_size, pcfg.share_prompts, pcfg.logprob_chunk_size
+        temperature, source_scores = gcfg.temperature, None
         with self.backend.whole(self.model) as model:
             model.eval()
-            first = acc.process_index * len(indices)  # this process's rows of the global batch
-            key = SeedKey.contiguous(self.config.seed, "rollout", self.global_step, first, len(indices))
-            sampled = self.sample(model.policy, indices, key, logprobs=self.reads_rollout_logprobs())
-            input_ids, attention_mask, responses = sampled.input_ids, sampled.attention_mask, sampled.response_ids
-            with acc.autocast():
-                ref_logprobs = None
-                if self.reads_reference():
-                    with self.reference_policy() as ref:
-                        ref_logprobs, _ = response_logprobs(ref, input_ids, attention_mask, responses, temperature,
-                                                            chunk, share_prompts=share, vocab_chunk=vocab)
-                old_values = None if model.value_model is None else response_values(
-                    model.value_model, input_ids, attention_mask, responses.shape[1], chunk, share)
-                anchor_logprobs = None
-                if self.anchor_policy is not None:
-                    anchor_logprobs, _ = response_logprobs(self.anchor_policy, input_ids, attention_mask, responses,
-                                                           temperature, chunk, share_prompts=share,
-                                                           vocab_chunk=vocab)
+            if gcfg.dynamic_sampling:  # groups whose rewards all agree are replaced (docs/algorithm.md §10)
+                indices, sampled, source_scores = informative_groups(self, model.policy)
+            else:
+                prompts = self.prompt_stream.next_indices(pcfg.rollout_batch_size // group, acc.process_index,
+                                                          acc.num_processes)
+                indices = [i for i in prompts for _ in range(group)]
+                key = SeedKey.contiguous(self.config.seed, "rollout", self.global_step,
+                                         acc.process_index * len(indices), len(indices))  # global rows
+                sampled = self.sample(model.policy, indices, key, logprobs=self.reads_rollout_logprobs())
+            reference = self.reference_policy() if self.reads_reference() else contextlib.nullcontext()
+            with acc.autocast(), reference as ref:
+                passes = rollout_passes(sampled, ref, model.value_model, self.anchor_policy, temperature,
+                                        chunk or len(indices), share, vocab)
             model.train()
-        batch = Rollout(prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=responses,
-                        response_mask=sampled.response_mask, stopped=sampled.stopped,
-                        old_logprobs=sampled.logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
-                        entropy=sampled.entropy, raw_scores=self.score(indices, sampled), task=sampled.task,
-                        anchor_logprobs=anchor_logprobs, engine_logprobs=sampled.engine_logprobs)
+        source_scores = self.score(indices, sampled) if source_scores is None else source_scores
+        batch = Rollout(prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask,
+                        response_ids=sampled.response_ids, response_mask=sampled.response_mask, stopped=sampled.stopped,
+                        old_logprobs=sampled.logprobs, ref_logprobs=passes.ref_logprobs, old_values=passes.old_values,
+                        entropy=sampled.entropy, raw_scores=self.rewards.totals(source_scores, sampled.task),
+                        task=sampled.task, anchor_logprobs=passes.anchor_logprobs,
+                        engine_logprobs=sampled.engine_logprobs, source_scores=source_scores)
         cap = self.config.vllm.importance_sampling_cap
         if batch.engine_logprobs is not None and cap is not None:
             batch.is_weights = (torch.exp(batch.old_logprobs - batch.engine_logprobs).clamp(max=cap)
@@ -239,11 +236,14 @@ class PPOTrainer:
         log-probs where it returned them and `vllm.logprobs: engine` asks for them. Without `logprobs` (nothing
         reads them before the update: `reads_rollout_logprobs`) there is no forward; an engine that returned
         log-probs of its own still gets them computed (its importance weights and mismatch read them)."""
+        return self.sampled(policy, indices, *self.generate(policy, indices, key), logprobs)
+
+    def sampled(self, policy, indices: list[int], generated: Generated, generate_s: float, logprobs: bool) -> Sampled:
+        """`sample`'s result from the engine's responses `generated` to the prompts `indices`."""
         pcfg, gcfg, acc = self.config.ppo, self.config.generation, self.accelerator
         prompts = self.stage.prompts
         prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in indices], self.tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        generated, generate_s = self.generate(policy, indices, key)
         responses = generated.response_ids
         input_ids = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, generated.response_mask], 1)
@@ -262,23 +262,14 @@ class PPOTrainer:
                        entropy, task, generate_s, generated.logprobs, generated.stats)
 
     def score(self, indices: list[int], sampled: Sampled) -> torch.Tensor:
-        """Raw scores of sampled responses, each by its own task's reward (B,); a failure in the user's
-        reward code stops every process together."""
-        texts = [self.stage.prompts.texts[i] for i in indices]
-        completions = self.tokenizer.batch_decode(sampled.response_ids, skip_special_tokens=True)
-        raw_scores = torch.zeros(len(indices), device=self.device)
-        failure = None
+        """Raw scores (B, K) of sampled responses; a failure in the user's reward code stops every process together."""
+        raw = failure = None
         try:
-            for j in sampled.task.unique().tolist():  # each prompt is scored by its own task's reward
-                rows = (sampled.task == j).nonzero().flatten()
-                picked = rows.tolist()
-                raw_scores[rows] = self.rewards[j]([texts[i] for i in picked], [completions[i] for i in picked],
-                                                   sampled.input_ids[rows], sampled.attention_mask[rows],
-                                                   sampled.prompt_ids.shape[1]).to(self.device)
+            raw = self.rewards.score(self.stage.prompts, indices, self.tokenizer, sampled, sampled.task)
         except UserError as e:  # the user's reward code failed on this process's share
             failure = e
         self.session.fail_together(failure)
-        return raw_scores
+        return raw
 
     @contextlib.contextmanager
     def previous_policy(self):
@@ -301,14 +292,19 @@ class PPOTrainer:
                 yield policy
 
     def process_scores(self, batch: Rollout) -> torch.Tensor:
-        """Each task's raw scores processed by its reward config, over the global batch (docs/algorithm.md §2)."""
-        raw, stopped, task = (self.backend.gather_rows(x) for x in (batch.raw_scores, batch.stopped, batch.task))
-        scores = torch.zeros_like(raw, dtype=torch.float32)
-        for j in task.unique().tolist():
-            rows = task == j
-            scores[rows] = process_scores(raw[rows], stopped[rows], self.stage.reward_configs[j],
-                                          self.score_moments[j], bool(self.stop_token_ids))
-        return self.backend.local_rows(scores, batch.raw_scores)
+        """Each task's reward R from its sources' raw scores, over the global batch (docs/algorithm.md §2)."""
+        sources = batch.raw_scores.unsqueeze(1) if batch.source_scores is None else batch.source_scores
+        raw, stopped, task = (self.backend.gather_rows(x) for x in (sources, batch.stopped, batch.task))
+        scores = self.rewards.combine(raw, stopped, task, bool(self.stop_token_ids),
+                                      self.config.generation.num_generations)
+        self.source_stats = self.rewards.source_means(raw, task)
+        scores = self.backend.local_rows(scores, batch.stopped)
+        over = self.config.ppo.overlong_penalty
+        if over is not None:  # DAPO's soft overlong punishment, part of R (docs/algorithm.md §10)
+            scores = scores + core.overlong_penalty(batch.response_mask.sum(-1),
+                                                    over.length or self.config.generation.max_new_tokens,
+                                                    over.buffer, over.factor).to(scores.device)
+        return scores
 
     # ------------------------------------------------------------------ global (all-process) statistics
 
@@ -451,7 +447,8 @@ class PPOTrainer:
             input_ids, attention_mask, response_ids = stack_sequences(mb, more)
         with self.accelerator.autocast():  # without a π_roll pass the entropy statistic is this forward's
             every_logprob, every_entropy, logits, values = self.model(
-                input_ids, attention_mask, response_ids, temperature, value_rows=rows, entropy=mb.old_logprobs is None,
+                input_ids, attention_mask, response_ids, temperature, value_rows=rows,
+                entropy=mb.old_logprobs is None or pcfg.entropy_coef > 0,
                 logits=self.regularizer is not None and self.regularizer.reads_logits)
         logits, logprobs = None if logits is None else logits[:rows, :width], every_logprob[:rows, :width]
         extra_logprobs = None if more is None else every_logprob[rows:, :more.response_ids.shape[1]]
@@ -459,8 +456,9 @@ class PPOTrainer:
         old_logprobs = mb.old_logprobs
         if old_logprobs is None:  # one update on the rollouts just sampled: π_roll is π_θ (reads_rollout_logprobs)
             old_logprobs = logprobs.detach()
-        pg, pg_stats = core.policy_loss(logprobs, old_logprobs, mb.advantages, mask, pcfg.clip,
-                                        mb.loss_weights["policy"], denominators["policy"], mb.is_weights)
+        pg, pg_stats = core.policy_loss(logprobs, old_logprobs, mb.advantages, mask, pcfg.epsilon_low,
+                                        mb.loss_weights["policy"], denominators["policy"], mb.is_weights,
+                                        pcfg.epsilon_high, pcfg.ratio_level)
         terms = {"policy": (1.0, pg)}
         stats = {"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}
         if values is not None:
@@ -470,6 +468,9 @@ class PPOTrainer:
             stats["value/clipfrac"] = vf_stats["clipfrac"]
         if mb.old_logprobs is None:
             stats["policy/entropy"] = (every_entropy[:rows, :width].detach() * mask).sum() / denominators["tokens"]
+        if pcfg.entropy_coef > 0:  # the entropy bonus (docs/algorithm.md §10)
+            terms["entropy"] = (-pcfg.entropy_coef,
+                                core.entropy_bonus(every_entropy[:rows, :width], mask, denominators["tokens"]))
         if pcfg.kl_in == "loss" and mb.ref_logprobs is not None:  # GRPO's KL term (docs/algorithm.md §9), token mean
             terms["kl"] = (self.kl_coef, core.k3_loss(logprobs, mb.ref_logprobs, mask, denominators["tokens"]))
         terms.update(self.extra_losses(mb, logprobs, denominators, extra, extra_logprobs))
@@ -492,7 +493,7 @@ class PPOTrainer:
         torch.save(rng_state(self.shuffle_generator), directory / f"rng_{acc.process_index}.pt")
         return {"step_in_stage": self.step_in_stage, "kl_coef": self.kl_coef, "nonfinite_skips": self.guard.skips,
                 "last_stats": self.last_stats,
-                "score_moments": [m.state_dict() for m in self.score_moments],
+                "score_moments": self.rewards.state_dict(),
                 "prompt_stream": {**self.prompt_stream.state_dict(), "task": self.stage.name,
                                   "fingerprint": self.stage.prompts.fingerprint()},
                 # π_{t−1} and the KL reference by reference: the saved policy directories they load from.
@@ -502,7 +503,6 @@ class PPOTrainer:
     def load_state(self, directory: Path, state: dict, force: bool = False) -> None:
         """Continue exactly where `save_state` left off: weights, optimiser, schedule, RNG, data position."""
         acc = self.accelerator
-        stream = state["prompt_stream"]
         check_stage_state(directory, state, self.stage.name, self.stage.prompts.fingerprint(), acc.num_processes, force)
         self.backend.load_training_state(directory, self.model, self.optimizer)
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
@@ -511,11 +511,8 @@ class PPOTrainer:
         self.step_in_stage, self.kl_coef = state["step_in_stage"], state["kl_coef"]
         self.guard.skips = state.get("nonfinite_skips", 0)
         self.last_stats = state.get("last_stats", {})
-        for moments, saved in zip(self.score_moments, state["score_moments"], strict=True):
-            moments.load_state_dict(saved)
-        self.prompt_stream.load_state_dict(stream)
-
-    # --------------------------------------------------------------------------------- reporting
+        self.rewards.load_state_dict(state["score_moments"])
+        self.prompt_stream.load_state_dict(state["prompt_stream"])
 
     # ------------------------------------------------------------------------------------ saving
 

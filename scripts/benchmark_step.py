@@ -191,7 +191,8 @@ def cppo_worker(args, phases_for):
     trainer.engine.generate = phases.wrap("generate", trainer.engine.generate)
     for name in ("response_logprobs", "response_values"):
         setattr(trainer_module, name, phases.wrap("rollout_forward", getattr(trainer_module, name)))
-    trainer.rewards = [TimedReward(reward, phases) for reward in trainer.rewards]
+    for reward in trainer.rewards:
+        reward.sources = [TimedReward(source, phases) for source in reward.sources]
     trainer.model.forward = phases.wrap("train_forward_backward", trainer.model.forward)
     trainer.accelerator.backward = phases.wrap("train_forward_backward", trainer.accelerator.backward)
     trainer.optimizer.step = phases.wrap("optimizer", trainer.optimizer.step)
@@ -215,9 +216,9 @@ class TimedReward:
     def __init__(self, reward, phases):
         self.reward, self.phases = reward, phases
 
-    def __call__(self, *args):
+    def __call__(self, batch):
         with self.phases("rollout_forward"):
-            return self.reward(*args)
+            return self.reward(batch)
 
     def __str__(self) -> str:
         return str(self.reward)

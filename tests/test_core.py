@@ -192,3 +192,49 @@ def test_weighted_token_count_is_the_masked_mean_denominator():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert core.weighted_token_count(mask).item() == 3
     assert core.weighted_token_count(mask, torch.tensor([0.5, 2.0])).item() == 0.5 * 2 + 2.0 * 1
+
+
+# ------------------------------------------------------------------------------ policy-loss options (§10)
+
+
+def test_clip_higher_moves_only_the_upper_bound():
+    new, old, advantages, mask = _ratio_batch()
+    # ε_low 0.2, ε_high 0.6: A = +1, ρ = 1.5 is no longer clipped (−1.5); the rest as with 0.2 on both sides.
+    loss, stats = core.policy_loss(new, old, advantages, mask, clip=0.2, clip_high=0.6)
+    close(loss, (-1.5 - 0.5 + 1.5 + 0.8) / 4)
+    close(stats["clipfrac"], 0.25)
+    # ε_low 0.6: A = −1, ρ = 0.5 falls inside [0.4, 1.2] and is unclipped (+0.5)
+    close(core.policy_loss(new, old, advantages, mask, clip=0.6, clip_high=0.2)[0], (-1.2 - 0.5 + 1.5 + 0.5) / 4)
+    same = core.policy_loss(new, old, advantages, mask, clip=0.2, clip_high=0.2)[0]
+    assert torch.equal(same, core.policy_loss(new, old, advantages, mask, clip=0.2)[0])
+
+
+def test_the_sequence_ratio_is_the_geometric_mean_of_the_token_ratios():
+    old = torch.zeros(2, 3)
+    new = torch.log(torch.tensor([[2.0, 0.5, 7.0], [1.1, 1.1, 1.1]]))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    log_s = core.sequence_log_ratio(new, old, mask)
+    close(log_s.exp(), [[1.0] * 3, [1.1] * 3])  # √(2 · 0.5) = 1; 1.1
+    advantages = torch.tensor([[1.0] * 3, [-2.0] * 3])
+    # s = 1: −1 on two tokens; s = 1.1 inside [0.8, 1.2]: +2.2 on three tokens; token mean over 5 tokens
+    new = new.clone().requires_grad_(True)
+    loss, _ = core.policy_loss(new, old, advantages, mask, clip=0.2, ratio_level="sequence")
+    close(loss, (2 * -1.0 + 3 * 2.2) / 5)
+    loss.backward()
+    # d/d log π_t of −A·s·(tokens of i)/5, through s = exp(mean log ratio): −A·s/5 on each real token
+    close(new.grad, [[-1 / 5, -1 / 5, 0.0], [2.2 / 5, 2.2 / 5, 2.2 / 5]])
+
+
+def test_the_overlong_penalty_by_hand():
+    lengths = torch.tensor([3, 4, 6, 7, 8, 10])
+    # L = 8, b = 4: nothing up to 4 tokens, then −(|y| − 4)/4 · 0.5, −0.5 from 8 on
+    close(core.overlong_penalty(lengths, 8, 4, 0.5), [0.0, 0.0, -0.25, -0.375, -0.5, -0.5])
+
+
+def test_the_entropy_bonus_is_the_token_mean_and_differentiable():
+    entropy = torch.tensor([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    bonus = core.entropy_bonus(entropy, mask)
+    close(bonus, 2.0)
+    bonus.backward()
+    close(entropy.grad, [[1 / 3, 1 / 3, 0.0], [1 / 3, 0.0, 0.0]])

@@ -67,7 +67,14 @@ def test_chunked_head_logprobs_entropy_and_gradients_are_the_full_logits(tempera
     assert (ours - theirs).abs().max() < 1e-5 and (our_entropy - their_entropy).abs().max() < 1e-5
     for a, b in zip(our_grads, their_grads, strict=True):
         assert (a - b).abs().max() < 1e-5
-    assert not our_entropy.requires_grad  # a statistic
+    # The entropy bonus (ppo.entropy_coef) differentiates the entropy too, alone or with the log-probs.
+    ours, our_entropy = core.head_logprobs_and_entropy(hidden, weight, tokens, temperature, chunk=4)
+    theirs, their_entropy = core.logprobs_and_entropy(hidden @ weight.T, tokens, temperature)
+    for loss_of in (lambda lp, h: (h * upstream).sum(), lambda lp, h: (lp * upstream).sum() - 0.3 * h.sum()):
+        mine = torch.autograd.grad(loss_of(ours, our_entropy), (hidden, weight), retain_graph=True)
+        full = torch.autograd.grad(loss_of(theirs, their_entropy), (hidden, weight), retain_graph=True)
+        for a, b in zip(mine, full, strict=True):  # float32 rounding of a longer chain, on gradients of size ~1
+            assert (a - b).abs().max() < 1e-4
 
 
 def head_calls(model) -> list[int]:

@@ -172,9 +172,10 @@ def reward_of(config_overrides, tmp_path, tiny_config, prompts, completions):
     tokenizer = trainer.tokenizer
     ids = [tokenizer(p + c, add_special_tokens=False)["input_ids"] for p, c in zip(prompts, completions, strict=True)]
     from cppo.data import left_pad
+    from cppo.rewards import RewardBatch
 
     input_ids, attention_mask = left_pad(ids, tokenizer.pad_token_id)
-    return trainer.rewards[0](prompts, completions, input_ids, attention_mask)
+    return trainer.rewards[0](RewardBatch(prompts, completions, [], {}, input_ids, attention_mask))[:, 0]
 
 
 def shuffled_tiny_gpt2(path):

@@ -11,7 +11,7 @@ from conftest import ROOT, quick_overrides
 from cppo.config_loading import load_config
 from cppo.continual import build_trainer
 from cppo.modules import policy_response_logits, prompt_sharing, response_forward, token_scalars
-from cppo.rewards import ModelReward
+from cppo.rewards import ModelReward, RewardBatch
 
 PAD = 0
 GROUPS, RESPONSES, PROMPT, RESPONSE = 3, 3, 7, 5
@@ -121,13 +121,13 @@ def test_shared_prompt_values_and_reward_scores_are_the_full_forwards_up_to_roun
     counts = counting_tokens(critic)
     own = critic(input_ids=ids, attention_mask=mask).logits[:, 0]  # its own pooling (last non-pad token)
     counts.clear()
-    scores = reward([""] * len(ids), [""] * len(ids), ids, mask, PROMPT)
+    scores = reward(RewardBatch([""] * len(ids), [""] * len(ids), [], {}, ids, mask, PROMPT))
     assert (scores - own).abs().max() < 1e-5
     assert sum(counts) < ids.numel()
     # A response whose last token is the pad token's id (pad = eos): pooled where the model's own forward pools.
     ids[2, -1] = PAD
     own = critic(input_ids=ids, attention_mask=mask).logits[:, 0]
-    assert (reward([""] * len(ids), [""] * len(ids), ids, mask, PROMPT) - own).abs().max() < 1e-5
+    assert (reward(RewardBatch([""] * len(ids), [""] * len(ids), [], {}, ids, mask, PROMPT)) - own).abs().max() < 1e-5
 
 
 def two_grpo_steps(tmp_path, share: bool):

@@ -124,6 +124,7 @@ def test_step_benchmark_compares_gae_with_the_critic_free_estimators(tmp_path):
 def two_steps(tmp_path, name, overrides, monkeypatch, force=None):
     """Two steps of a fresh trainer; `force` names hooks made to answer True (the pass they skip is run); returns
     the stats, the final weights and the number of rollout-time log-prob passes."""
+    import cppo.rollout
     import cppo.trainer
 
     trainer = build_trainer(load_config(CPPO_CONFIG if overrides.get("algo") == "cppo" else ROOT / "configs" /
@@ -131,8 +132,9 @@ def two_steps(tmp_path, name, overrides, monkeypatch, force=None):
     for hook in force or ():
         monkeypatch.setattr(trainer, hook, lambda: True)
     passes = []
-    real = cppo.trainer.response_logprobs
-    monkeypatch.setattr(cppo.trainer, "response_logprobs", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = cppo.rollout.response_logprobs
+    for module in (cppo.trainer, cppo.rollout):  # the policy's own pass, and the reference's and the anchor's
+        monkeypatch.setattr(module, "response_logprobs", lambda *a, **k: passes.append(1) or real(*a, **k))
     stats = [trainer.step() for _ in range(2)]
     weights = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
     monkeypatch.undo()

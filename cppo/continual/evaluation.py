@@ -4,7 +4,6 @@ one row of the evaluation matrix S per evaluation (`EvalMatrix`), and S as a tex
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -15,6 +14,8 @@ from ..engine import SeedKey
 from ..errors import UserError
 from ..models import checkpoint_generation_config, load_frozen
 from ..outputs import replace_text, writing
+from ..rewards import RewardBatch
+from ..rollout import Sequences
 from ..session import Session, announce_long_prompts
 from .metrics import summarize
 
@@ -33,11 +34,12 @@ class Evaluator:
                 continue
             prompts = build_prompt_set(task.eval_prompts, session.tokenizer, index, f"tasks[{index}].eval_prompts")
             announce_long_prompts(session, prompts, task.eval_prompts, f"tasks[{index}].eval_prompts")
-            if config.eval.max_prompts is not None:
-                prompts = PromptSet(*(getattr(prompts, f)[:config.eval.max_prompts]
-                                      for f in ("ids", "texts", "task", "references")), prompts.counts)
+            prompts = prompts.head(config.eval.max_prompts)
             self.sets[task.name] = prompts
-            self.rewards[task.name] = session.rewards.get(config.eval_reward or task.reward)
+            sources = config.eval_rewards or task.rewards
+            session.rewards.check_arguments(sources, prompts.column_names(index),
+                                            "eval_reward" if config.eval_rewards else f"tasks[{index}].reward")
+            self.rewards[task.name] = session.rewards.task_reward(sources)
         ecfg, gcfg = config.eval, config.generation
         if ecfg.checkpoint_generation_config:
             sampling = _checkpoint_sampling(session.initial_policy)
@@ -93,12 +95,15 @@ class Evaluator:
                 failure = e
         self.session.fail_together(failure)
         everything = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
-        scores = [score for _, score, _ in everything]
-        bad = sum(not math.isfinite(score) for score in scores)
+        reward = self.rewards[name]
+        raw = torch.tensor([scores for _, scores, _ in everything], dtype=torch.float32)  # (prompts, sources)
+        bad = int((~torch.isfinite(raw)).any(-1).sum())
         if bad:
-            raise UserError(f"evaluation of task {name!r}: {self.rewards[name]} returned a non-finite score "
-                            f"for {bad} of {len(scores)} prompts")
-        result = {"reward": sum(scores) / len(scores), "rouge_l": None}
+            raise UserError(f"evaluation of task {name!r}: {reward} returned a non-finite score "
+                            f"for {bad} of {len(raw)} prompts")
+        result = {"reward": reward.total(raw).mean().item(), "rouge_l": None}
+        if len(reward.sources) > 1:  # each source's mean raw score beside the weighted sum's
+            result.update({f"reward/{n}": raw[:, k].mean().item() for k, n in enumerate(reward.names)})
         references = prompts.references
         if all(r is not None for r in references):
             result["rouge_l"] = rouge_l([c for _, _, c in everything], [references[i] for i, _, _ in everything])
@@ -114,12 +119,11 @@ class Evaluator:
             generated = self.engine.generate([prompts.ids[i] for i in chunk], self.decoding,
                                              SeedKey(ecfg.seed, f"eval/{name}", 0, tuple(chunk)))
             ids, mask = left_pad([prompts.ids[i] for i in chunk], tokenizer.pad_token_id)
-            ids, mask = ids.to(acc.device), mask.to(acc.device)
-            completions = tokenizer.batch_decode(generated.response_ids, skip_special_tokens=True)
-            scores = self.rewards[name]([prompts.texts[i] for i in chunk], completions,
-                                        torch.cat([ids, generated.response_ids], 1),
-                                        torch.cat([mask, generated.response_mask], 1))
-            rows.extend(zip(chunk, scores.tolist(), completions, strict=True))
+            sequences = Sequences(ids.to(acc.device), mask.to(acc.device), generated.response_ids,
+                                generated.response_mask)
+            batch = RewardBatch.of(prompts, chunk, tokenizer, sequences, ids.shape[1])
+            scores = self.rewards[name](batch)
+            rows.extend(zip(chunk, scores.tolist(), batch.completions, strict=True))
 
 
 def _checkpoint_sampling(source: str) -> dict:

@@ -168,9 +168,12 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
         _check_task_outputs(state, out, checkpoint)
     # Every data file is read and tokenised before any model loads: bad data fails in seconds.
     prompt_sets = [task_prompts(session, i) for i in range(len(config.tasks))]
+    for i, (task, prompts) in enumerate(zip(config.tasks, prompt_sets, strict=True)):
+        session.rewards.check_arguments(task.rewards, prompts.column_names(i), f"tasks[{i}].reward")
     evaluator = Evaluator(session)
-    matrix = EvalMatrix(evaluator.task_names, out / "eval_matrix.json",
-                        config.eval_reward.model or config.eval_reward.function if config.eval_reward else None)
+    eval_reward = None if config.eval_rewards is None else " + ".join(
+        r.model or r.function for r in config.eval_rewards)
+    matrix = EvalMatrix(evaluator.task_names, out / "eval_matrix.json", eval_reward)
     # A run started by `wandb agent` must log under the id the sweep gave it, or the sweep never sees it.
     run_id = state["run_id"] if state else os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
     session.tracker.resume(run_id, state["global_step"] if state else None)
@@ -314,7 +317,7 @@ def stages(session: Session, prompt_sets: list[PromptSet]):
                             and config.cppo.kr_source != "memory") or \
                 config.continual.regularizer == "lwf"
             stage = Stage(name=task.name, prompts=prompt_sets[index],
-                          reward_configs=[t.reward for t in tasks], steps=task.budget(config.ppo), policy=policy,
+                          reward_configs=[t.rewards for t in tasks], steps=task.budget(config.ppo), policy=policy,
                           value_model=str(previous / "value_model") if config.uses_critic else None,
                           reference=reference,
                           anchor=policy if needs_anchor and reference != policy else None,
