@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY, one_error_line, quick_overrides, read_metrics, run_in_process
+from conftest import CONTINUAL, TINY, one_error_line, quick_overrides, read_metrics, run_in_process, tiny_continual
 
 from cppo.config import RewardConfig
 from cppo.data import build_prompt_set, load_rows
@@ -182,6 +182,20 @@ def test_weighted_sources_are_logged_each_and_summed(tmp_path, capsys):
                                 "{function: cppo.toy:vowel_fraction}]"], capsys)
     one_error_line(code, err, "tasks[0].reward[1].name must be unique among the task's reward sources, got "
                               "'vowel_fraction'")
+
+
+def test_the_evaluation_scores_each_source_beside_their_weighted_sum(tmp_path, capsys):
+    sources = "[{function: cppo.toy:vowel_fraction, weight: 2}, {function: cppo.toy:digit_fraction, name: digits}]"
+    out = tmp_path / "run"
+    code, err = run_in_process(["train", CONTINUAL, *tiny_continual(out, steps=1), f"eval_reward={sources}"], capsys)
+    assert code == 0, err[-2000:]
+    matrix = json.loads((out / "eval_matrix.json").read_text())["scores"]
+    assert {"reward", "reward/vowel_fraction", "reward/digits"} <= set(matrix)
+    for row, vowels, digits in zip(matrix["reward"], matrix["reward/vowel_fraction"], matrix["reward/digits"],
+                                   strict=True):
+        assert row == pytest.approx([2 * v + d for v, d in zip(vowels, digits, strict=True)], abs=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reward/digits"]["final_average"] == pytest.approx(sum(matrix["reward/digits"][-1]) / 2)
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -169,6 +169,7 @@ class EvalMatrix:
     def to_dict(self) -> dict:
         kinds = ["reward"] + (["rouge_l"] if any(r.get("rouge_l") is not None for row in self.rows
                                                  for r in row.values()) else [])
+        kinds += sorted({k for row in self.rows for r in row.values() for k in r if k.startswith("reward/")})
         return {"tasks": self.task_names, "rows": self.row_names, "eval_reward": self.eval_reward,
                 "scores": {kind: self.scores(kind) for kind in kinds}}
 
