@@ -257,12 +257,17 @@ def test_the_python_api_takes_rows_in_memory_and_records_them_in_config_yaml(tmp
     import cppo
 
     rows = datasets.Dataset.from_list([{"prompt": f"say {w}", "word": w} for w in ("sun", "moon", "star", "sky")])
-    config = cppo.load_config({"output_dir": str(tmp_path / "run"), "model": {"policy": "builtin:tiny-gpt2"},
-                               "ppo": {"steps": 1, "rollout_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1},
-                               "generation": {"max_new_tokens": 4},
-                               "tasks": [{"name": "words", "prompts": {"path": rows},
-                                          "reward": {"function": "cppo.toy:vowel_fraction"}}]})
+    raw = {"output_dir": str(tmp_path / "run"), "model": {"policy": "builtin:tiny-gpt2"}, "save_steps": 1,
+           "ppo": {"steps": 2, "rollout_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1},
+           "generation": {"max_new_tokens": 4},
+           "tasks": [{"name": "words", "prompts": {"path": rows}, "reward": {"function": "cppo.toy:vowel_fraction"}}]}
+    config = cppo.load_config(raw)
     cppo.run(config)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["tasks"][0]["prompts"]["path"].startswith("in memory: 4 rows, sha256 ")
     assert config.tasks[0].prompts.path is rows  # the config itself keeps the rows
+    other = datasets.Dataset.from_list([{"prompt": f"say {w}", "word": w} for w in ("sea", "moon", "star", "sky")])
+    raw["tasks"][0]["prompts"]["path"] = other
+    with pytest.raises(UserError, match=r"tasks\[0\]\.prompts\.path") as refused:  # resumed with other rows
+        cppo.run(cppo.load_config(raw), resume="auto")
+    assert "ppo." not in str(refused.value)
