@@ -157,8 +157,11 @@ def test_shared_prompts_under_a_sharded_back_end(backend, ddp_critic_free_run, t
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = metrics(out), metrics(ddp_critic_free_run)
     assert ours[0]["reward/mean"] == theirs[0]["reward/mean"]
-    for key in ("loss/policy", "loss/kl", "policy/grad_norm"):
+    for key in ("loss/policy", "policy/grad_norm"):
         assert ours[0][key] == pytest.approx(theirs[0][key], rel=1e-4, abs=1e-6), key
+    # k3 of two log-probs that each came by another path: the log-probs' own rounding (~1e-5, docs/results/
+    # shared_prompts.md) in absolute terms; seen 6.7e-6 on a KL of 0.055 on one machine, within 5.5e-6 on another
+    assert ours[0]["loss/kl"] == pytest.approx(theirs[0]["loss/kl"], abs=2e-5)
 
 
 LORA_RUN = ["tasks.0.steps=2", "tasks.1.steps=2", "model.lora_r=4", "model.value_lora_r=4",
