@@ -16,6 +16,7 @@ OPTIONS = {
     "entropy_bonus": ["ppo.entropy_coef=0.01"],
     "dr_grpo": ["ppo.advantage=grpo", "ppo.scale_rewards=none"],
     "gdpo": ["ppo.advantage=grpo", "tasks.0.reward={function: cppo.toy:vowel_fraction, normalize: group}"],
+    "dynamic_sampling": ["ppo.advantage=grpo", "generation.dynamic_sampling=true"],
 }
 
 
