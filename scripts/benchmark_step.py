@@ -189,7 +189,7 @@ def cppo_worker(args, phases_for):
     trainer = build_trainer(load_config(str(path)))
     phases = phases_for(trainer.device)
     trainer.engine.generate = phases.wrap("generate", trainer.engine.generate)
-    for name in ("response_logprobs", "response_values"):
+    for name in ("response_logprobs", "rollout_passes"):  # the policy's pass; the reference's, critic's, anchor's
         setattr(trainer_module, name, phases.wrap("rollout_forward", getattr(trainer_module, name)))
     for reward in trainer.rewards:
         reward.sources = [TimedReward(source, phases) for source in reward.sources]
