@@ -214,11 +214,12 @@ def test_two_processes_give_the_losses_and_gradient_of_one_without_a_critic(tmp_
 def test_cppo_with_the_default_kr_coef_learns_with_every_estimator(tmp_path, estimator):
     """configs/ppo_tiny.yaml switched to CPPO, nothing else changed but the estimator: the default KR lets the policy
     learn as PPO does (docs/results/kr_coef_defaults.md: first 5 → last 5 steps' reward 0.12 → 0.80–0.95; with the
-    old default 1.0, 0.11 → 0.13–0.14)."""
+    old default 1.0, 0.11 → 0.13–0.14). With `gae`, CPPO's whole loop on the tiny model: its types logged."""
     group = [] if estimator == "gae" else ["generation.num_generations=4"]
     out = tmp_path / estimator
     run_cppo("train", TINY, f"output_dir={out}", "algo=cppo", f"ppo.advantage={estimator}", *group)
-    rewards = [row["reward/mean"] for row in read_metrics(out)]
-    assert len(rewards) == 40
+    rows = read_metrics(out)
+    rewards = [row["reward/mean"] for row in rows]
+    assert len(rewards) == 40 and "cppo/frac_r1" in rows[0]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last - first > 0.5, (first, last)

@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 from conftest import (
-    CPPO_TINY,
     TINY,
     TWO_PROCESSES,
     error_lines,
@@ -17,15 +16,6 @@ from conftest import (
     run_cppo,
     run_in_process,
 )
-
-
-@pytest.mark.slow
-def test_cppo_tiny_learns_like_ppo_tiny(tmp_path):
-    out = tmp_path / "run"
-    run_cppo("train", CPPO_TINY, f"output_dir={out}")
-    rows = read_metrics(out)
-    assert len(rows) == 40 and "cppo/frac_r1" in rows[0]
-    assert mean_reward(rows[-5:]) > mean_reward(rows[:5]) + 0.3
 
 
 @pytest.mark.slow
