@@ -6,12 +6,13 @@ order they were drawn.
 
 Every process draws its share of each round; the groups of all processes are gathered in the global batch's order,
 chosen there, and each process takes its contiguous share of the chosen groups, so the choice is the same on any
-number of processes. Only the chosen responses go through the policy's forward (the rollout's log-probs) and the
-other no-grad passes; every drawn response is scored once.
+number of processes. The engine takes the policy's weights once for all rounds; only the chosen responses go through
+the policy's forward (the rollout's log-probs) and the other no-grad passes; every drawn response is scored once.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
@@ -38,30 +39,37 @@ def informative_groups(trainer, policy) -> tuple[list[int], object, torch.Tensor
     group, rounds = config.generation.num_generations, config.generation.dynamic_sampling_max_rounds
     wanted = config.ppo.rollout_batch_size // group  # groups over all processes
     drawn: list[dict] = []  # every group drawn so far, in the global batch's order, round after round
-    generate_s, stats = 0.0, {}
-    for round_index in range(rounds):
-        prompts = trainer.prompt_stream.next_indices(wanted, acc.process_index, acc.num_processes)
-        indices = [i for i in prompts for _ in range(group)]
-        purpose = "rollout" if round_index == 0 else f"rollout/{round_index}"
-        key = SeedKey.contiguous(config.seed, purpose, trainer.global_step, acc.process_index * len(indices),
-                                 len(indices))
-        generated, seconds = trainer.generate(policy, indices, key)
-        generate_s, stats = generate_s + seconds, generated.stats
-        # scored without a forward pass: the rollout's log-probs are computed for the chosen responses only
-        sampled = trainer.sampled(policy, indices, replace(generated, logprobs=None), seconds, logprobs=False)
-        raw = trainer.score(indices, sampled)
-        totals = trainer.rewards.totals(raw, sampled.task).view(-1, group)
-        mine = [_group_rows(generated, raw, indices, g * group, group) | {"informative": bool(r.max() > r.min())}
-                for g, r in enumerate(totals.cpu())]
-        drawn.extend(gather_object(mine) if acc.num_processes > 1 else mine)
-        if sum(g["informative"] for g in drawn) >= wanted:
-            break
+    started, stats = time.perf_counter(), {}
+    trainer.engine.load(policy)  # once for every round (the weights do not change between them): one weight sync
+    generate_s = time.perf_counter() - started
+    try:
+        for round_index in range(rounds):
+            prompts = trainer.prompt_stream.next_indices(wanted, acc.process_index, acc.num_processes)
+            indices = [i for i in prompts for _ in range(group)]
+            purpose = "rollout" if round_index == 0 else f"rollout/{round_index}"
+            key = SeedKey.contiguous(config.seed, purpose, trainer.global_step, acc.process_index * len(indices),
+                                     len(indices))
+            started = time.perf_counter()
+            generated = trainer.engine.generate([trainer.stage.prompts.ids[i] for i in indices], trainer.decoding, key)
+            seconds = time.perf_counter() - started
+            generate_s, stats = generate_s + seconds, generated.stats
+            # scored without a forward pass: the rollout's log-probs are computed for the chosen responses only
+            sampled = trainer.sampled_from(policy, indices, replace(generated, logprobs=None), seconds, False)
+            raw = trainer.score(indices, sampled)
+            totals = trainer.rewards.totals(raw, sampled.task).view(-1, group)
+            mine = [_group_rows(generated, raw, indices, g * group, group) | {"informative": bool(r.max() > r.min())}
+                    for g, r in enumerate(totals.cpu())]
+            drawn.extend(gather_object(mine) if acc.num_processes > 1 else mine)
+            if sum(g["informative"] for g in drawn) >= wanted:
+                break
+    finally:
+        trainer.engine.release()
     chosen, filled = choose_groups([g["informative"] for g in drawn], wanted)
     share = wanted // acc.num_processes
     rows = [row for g in chosen[acc.process_index * share:(acc.process_index + 1) * share] for row in drawn[g]["rows"]]
     indices = [row["prompt"] for row in rows]
-    sampled = trainer.sampled(policy, indices, _generated(rows, trainer.tokenizer.pad_token_id, trainer.device, stats),
-                              generate_s, logprobs=trainer.reads_rollout_logprobs())
+    sampled = trainer.sampled_from(policy, indices, _generated(rows, trainer.tokenizer.pad_token_id, trainer.device,
+                                                               stats), generate_s, trainer.reads_rollout_logprobs())
     sampled.engine_stats = {**sampled.engine_stats, "dynamic_sampling/rounds": float(round_index + 1),
                             "dynamic_sampling/filtered": float(sum(not g["informative"] for g in drawn)),
                             "dynamic_sampling/filled": float(filled)}

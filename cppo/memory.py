@@ -26,6 +26,7 @@ from .config import CPPOConfig, MemoryConfig
 from .data import left_pad
 from .engine import SeedKey
 from .outputs import replace_text
+from .rewards import length_penalty
 from .weighting import HIGH_PERFORMANCE, batch_stats, heuristic_weights
 
 
@@ -311,6 +312,8 @@ def build(trainer, task_index: int, cfg: MemoryConfig, ccfg: CPPOConfig, seed: i
                                  torch.tensor([r["stopped"] for r in finite], dtype=torch.bool),
                                  bool(trainer.stop_token_ids), cfg.build_samples if grouped else 1,
                                  task_reward.copied_moments())
+    reward = reward + length_penalty(torch.tensor([len(r["response_ids"]) for r in finite]),
+                                     trainer.config.ppo.overlong_penalty, trainer.config.generation.max_new_tokens)
     logprob_mean = torch.tensor([sum(r["logprobs"]) / max(len(r["logprobs"]), 1) for r in finite])
     _, beta, types = heuristic_weights(logprob_mean, reward, ccfg.k, ccfg.lb, ccfg.ub, "heuristic")
     keep = keep_mask(logprob_mean, reward, ccfg.k, cfg.select, types)

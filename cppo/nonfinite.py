@@ -40,7 +40,7 @@ class NonFiniteGuard:
             counts = self.accelerator.reduce(counts, reduction="sum")
         counts = [int(c) for c in counts.tolist()]
         total, where = self.ppo.rollout_batch_size, f"step {step}"
-        for (j, k), count in zip(scorers, counts, strict=False):
+        for (j, k), count in zip(scorers, counts[:len(scorers)], strict=True):
             if count:
                 return (f"{where}: {self.rewards[j].sources[k]} returned a non-finite score for {count} of {total} "
                         "rollouts")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .config import REWARD_ARGUMENTS, RewardConfig
+from . import core
+from .config import REWARD_ARGUMENTS, OverlongPenaltyConfig, RewardConfig
 from .errors import UserError, exception_line
 from .models import is_causal_type, load_frozen, load_tokenizer, resolve_model_source, same_tokenizer
 from .modules import backbone_of, position_ids_from_mask, response_forward, scalar_head
@@ -109,13 +110,14 @@ class CallableReward:
         self.is_async = inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
             type(self.function).__call__)  # a callable object with an `async def __call__`
 
-    def check_arguments(self, columns: set[str], where: str) -> None:
-        """One line if the function requires a keyword that neither cppo nor the prompts' columns provide."""
+    def check_arguments(self, columns: set[str], where: str, data: str) -> None:
+        """One line if the function requires a keyword that neither cppo nor the columns of the prompts of the data
+        section `data` provide."""
         missing = sorted(self.required - set(REWARD_ARGUMENTS) - columns)
         if missing:
             raise UserError(f"{where}: reward function {self.spec} requires {', '.join(map(repr, missing))}, which "
                             f"is not a column of the prompts (columns: {', '.join(sorted(columns)) or 'none'}; map "
-                            f"one with prompts.columns, e.g. {{{missing[0]}: <column>}})")
+                            f"one with {data}.columns, e.g. {{{missing[0]}: <column>}})")
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
         if not self.is_async:
@@ -320,6 +322,14 @@ def process_scores(raw: torch.Tensor, stopped: torch.Tensor, cfg: RewardConfig, 
     return scores
 
 
+def length_penalty(lengths: torch.Tensor, cfg: OverlongPenaltyConfig | None, max_new_tokens: int) -> torch.Tensor:
+    """`ppo.overlong_penalty` of responses of `lengths` tokens (B,), added to R (docs/algorithm.md §10); 0 without
+    one. Its length defaults to `generation.max_new_tokens`."""
+    if cfg is None:
+        return torch.zeros(lengths.shape, device=lengths.device)
+    return core.overlong_penalty(lengths, cfg.length or max_new_tokens, cfg.buffer, cfg.factor)
+
+
 class TaskReward:
     """A task's reward (docs/algorithm.md §2): R = Σ_k w_k · processed_k, each source's raw scores processed by its own
     settings (`process_scores`) first. Raw scores are (B, K), column k the k-th source's; with one source of
@@ -444,11 +454,12 @@ class RewardBank:
     def stage_rewards(self, configs_by_task: list[list[RewardConfig]]) -> StageRewards:
         return StageRewards([self.task_reward(configs) for configs in configs_by_task])
 
-    def check_arguments(self, configs: list[RewardConfig], columns: set[str], where: str) -> None:
-        """Each reward function of `configs` can be called with the columns `columns` (no model is loaded)."""
+    def check_arguments(self, configs: list[RewardConfig], columns: set[str], where: str, data: str) -> None:
+        """Each reward function of `configs` (the field `where`) can be called with the columns `columns` of the
+        data section `data` (no model is loaded)."""
         for index, cfg in enumerate(configs):
             if cfg.function is not None:
-                self.get(cfg).check_arguments(columns, f"{where}[{index}]" if len(configs) > 1 else where)
+                self.get(cfg).check_arguments(columns, f"{where}[{index}]" if len(configs) > 1 else where, data)
 
     def get(self, cfg: RewardConfig):
         key = ("model", cfg.model, cfg.batch_size) if cfg.model is not None else (

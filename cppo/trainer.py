@@ -26,6 +26,7 @@ from .modules import ActorCritic
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler
 from .outputs import writing
+from .rewards import length_penalty
 from .rollout import (
     PromptAndResponse,
     Rollout,
@@ -236,9 +237,10 @@ class PPOTrainer:
         log-probs where it returned them and `vllm.logprobs: engine` asks for them. Without `logprobs` (nothing
         reads them before the update: `reads_rollout_logprobs`) there is no forward; an engine that returned
         log-probs of its own still gets them computed (its importance weights and mismatch read them)."""
-        return self.sampled(policy, indices, *self.generate(policy, indices, key), logprobs)
+        return self.sampled_from(policy, indices, *self.generate(policy, indices, key), logprobs)
 
-    def sampled(self, policy, indices: list[int], generated: Generated, generate_s: float, logprobs: bool) -> Sampled:
+    def sampled_from(self, policy, indices: list[int], generated: Generated, generate_s: float,
+                     logprobs: bool) -> Sampled:
         """`sample`'s result from the engine's responses `generated` to the prompts `indices`."""
         pcfg, gcfg, acc = self.config.ppo, self.config.generation, self.accelerator
         prompts = self.stage.prompts
@@ -298,13 +300,10 @@ class PPOTrainer:
         scores = self.rewards.combine(raw, stopped, task, bool(self.stop_token_ids),
                                       self.config.generation.num_generations)
         self.source_stats = self.rewards.source_means(raw, task)
-        scores = self.backend.local_rows(scores, batch.stopped)
-        over = self.config.ppo.overlong_penalty
-        if over is not None:  # DAPO's soft overlong punishment, part of R (docs/algorithm.md §10)
-            scores = scores + core.overlong_penalty(batch.response_mask.sum(-1),
-                                                    over.length or self.config.generation.max_new_tokens,
-                                                    over.buffer, over.factor).to(scores.device)
-        return scores
+        scores = self.backend.local_rows(scores, batch.stopped)  # DAPO's overlong penalty is part of R (§10 of
+        # docs/algorithm.md), here and in the rollout memory's build
+        return scores + length_penalty(batch.response_mask.sum(-1), self.config.ppo.overlong_penalty,
+                                       self.config.generation.max_new_tokens).to(scores.device)
 
     # ------------------------------------------------------------------ global (all-process) statistics
 

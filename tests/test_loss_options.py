@@ -2,7 +2,8 @@
 KR with a critic-free estimator; the options that change which tokens train do what they say."""
 
 import pytest
-from conftest import ROOT, TWO_PROCESSES, read_metrics, run_cppo, run_in_process
+import torch
+from conftest import CONTINUAL, ROOT, TWO_PROCESSES, read_metrics, run_cppo, run_in_process, tiny_continual
 
 RLOO_TINY = str(ROOT / "configs" / "cppo_rloo_tiny.yaml")
 SHORT = ["ppo.steps=14", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
@@ -60,19 +61,22 @@ DYNAMIC = ["generation.dynamic_sampling=true", "generation.num_generations=4", "
 
 
 def test_dynamic_sampling_keeps_the_batch_size_with_informative_groups_only(tmp_path, capsys, monkeypatch):
+    from cppo.engine import HFEngine
     from cppo.trainer import PPOTrainer
 
     path = tmp_path / "by_prompt.py"
     path.write_text(BY_PROMPT)
-    sizes = []
-    optimise = PPOTrainer.optimise
+    sizes, loads = [], []
+    optimise, load = PPOTrainer.optimise, HFEngine.load
     monkeypatch.setattr(PPOTrainer, "optimise", lambda self, batch: sizes.append(batch.response_ids.shape[0])
                         or optimise(self, batch))
+    monkeypatch.setattr(HFEngine, "load", lambda self, policy: loads.append(1) or load(self, policy))
     code, err = run_in_process(["train", RLOO_TINY, f"output_dir={tmp_path / 'run'}", *DYNAMIC,
                                 f"tasks.0.reward.function={path}:one_in_group"], capsys)
     assert code == 0, err[-2000:]
     rows = read_metrics(tmp_path / "run")
     assert sizes == [16, 16, 16]
+    assert len(loads) == 3  # the weights go to the engine once a step, however many rounds it samples
     for row in rows:
         assert row["dynamic_sampling/filtered"] > 0 and row["dynamic_sampling/rounds"] >= 2
         kept = 4 - row["dynamic_sampling/filled"]  # of the 4 groups; each informative group has one reward of 1
@@ -92,3 +96,25 @@ def test_dynamic_sampling_keeps_the_same_groups_on_one_or_two_processes(tmp_path
                              for row in read_metrics(out)]
     assert picked[1] == picked[2] and len(picked[1]) == 3
     assert sum(row["dynamic_sampling/filtered"] for row in picked[1]) > 0
+
+
+def test_the_rollout_memory_scores_its_entries_with_the_overlong_penalty_as_the_rollouts(tmp_path):
+    """R of a memory entry is what it was for a rollout (docs/algorithm.md §10: the penalty is part of R)."""
+    from cppo import memory
+    from cppo.config import OverlongPenaltyConfig
+    from cppo.config_loading import load_config
+    from cppo.continual import build_trainer
+    from cppo.core import overlong_penalty
+
+    config = load_config(CONTINUAL, tiny_continual(tmp_path / "run", steps=1, **{
+        "algo": "cppo", "cppo.kr_source": "memory", "memory.build_prompts": 4, "memory.select": "all",
+        "generation.max_new_tokens": 8}))
+    trainer = build_trainer(config)
+    plain, _ = memory.build(trainer, 0, config.memory, config.cppo, config.seed)
+    config.ppo.overlong_penalty = OverlongPenaltyConfig(buffer=4, factor=0.5)
+    penalised, _ = memory.build(trainer, 0, config.memory, config.cppo, config.seed)
+    assert [e.response_ids for e in penalised] == [e.response_ids for e in plain] and plain
+    lengths = torch.tensor([len(e.response_ids) for e in plain])
+    expected = torch.tensor([e.reward for e in plain]) + overlong_penalty(lengths, 8, 4, 0.5)
+    assert [e.reward for e in penalised] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert (overlong_penalty(lengths, 8, 4, 0.5) < 0).any()  # some entries did come near the limit

@@ -38,7 +38,8 @@ class Evaluator:
             self.sets[task.name] = prompts
             sources = config.eval_rewards or task.rewards
             session.rewards.check_arguments(sources, prompts.column_names(index),
-                                            "eval_reward" if config.eval_rewards else f"tasks[{index}].reward")
+                                            "eval_reward" if config.eval_rewards else f"tasks[{index}].reward",
+                                            f"tasks[{index}].eval_prompts")
             self.rewards[task.name] = session.rewards.task_reward(sources)
         ecfg, gcfg = config.eval, config.generation
         if ecfg.checkpoint_generation_config:

@@ -169,7 +169,8 @@ def _run(config: Config, output: OutputDir, resume: str | None, force: bool) -> 
     # Every data file is read and tokenised before any model loads: bad data fails in seconds.
     prompt_sets = [task_prompts(session, i) for i in range(len(config.tasks))]
     for i, (task, prompts) in enumerate(zip(config.tasks, prompt_sets, strict=True)):
-        session.rewards.check_arguments(task.rewards, prompts.column_names(i), f"tasks[{i}].reward")
+        session.rewards.check_arguments(task.rewards, prompts.column_names(i), f"tasks[{i}].reward",
+                                        f"tasks[{i}].prompts")
     evaluator = Evaluator(session)
     eval_reward = None if config.eval_rewards is None else " + ".join(
         r.model or r.function for r in config.eval_rewards)
